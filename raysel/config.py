@@ -1,0 +1,247 @@
+"""A run's configuration: frozen pydantic models, loaded from YAML, with errors that name the field.
+
+    input:   {path: corpus.jsonl, text_field: text, id_field: id}
+    output:  {path: out/run1}
+    embed:   {model: minilm, batch_size: 64}
+    scorers: [entropy, loss]
+    cluster: {k: 64, sample: 100000, seed: 0}
+    select:  {budget: 0.25, policy: stratified, score: entropy, order: desc, seed: 0}
+
+Relative paths are taken relative to the current directory (the job's working dir under `ray job submit`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raysel.errors import ConfigError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Resources(_Frozen):
+    """What one actor of a stage reserves from Ray."""
+
+    cpus: float = Field(1.0, ge=0)
+    gpus: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _reserves_something(self) -> Resources:
+        if self.cpus == 0 and self.gpus == 0:
+            raise ValueError("an actor must reserve some `cpus` or `gpus`; both are 0")
+        return self
+
+
+class StageConfig(_Frozen):
+    """How a model stage runs: batch size, actor pool size, what each actor reserves, torch threads."""
+
+    batch_size: int = Field(64, gt=0, description="rows per model forward pass")
+    actors: int = Field(1, ge=1, description="size of the actor pool")
+    resources: Resources = Resources()
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per actor; default: the CPUs the actor reserves (Ray's rule)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _cuda_needs_gpus(self) -> StageConfig:
+        if self.device == "cuda" and self.resources.gpus == 0:
+            raise ValueError("device: cuda needs `resources.gpus` > 0, or Ray will not give the actor a GPU")
+        return self
+
+
+class InputConfig(_Frozen):
+    path: str = Field(description="a .jsonl/.json/.parquet file, a folder, or a glob; local or s3://")
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    text_field: str = "text"
+    id_field: str | None = Field(None, description="column holding a stable id; default: hash of file + row")
+    label_field: str | None = None
+    max_chars: int = Field(
+        200_000, gt=0, description="texts longer than this are cut before tokenizing; the ledger flags them"
+    )
+
+
+class OutputConfig(_Frozen):
+    path: str
+    overwrite: bool = False
+
+
+class EmbedConfig(StageConfig):
+    model: str = Field("minilm", description="`minilm` (packaged all-MiniLM-L6-v2) or a local model folder")
+    max_tokens: int = Field(128, gt=0)
+
+
+class ScorerConfig(StageConfig):
+    name: str
+    model: str = Field("smollm2", description="`smollm2` (packaged SmolLM2-135M) or a local model folder")
+    max_tokens: int = Field(128, gt=1)
+    batch_size: int = Field(16, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from raysel.scorers import SCORERS
+
+        if name not in SCORERS:
+            raise ValueError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)}")
+        return name
+
+    def stage_key(self) -> tuple:
+        """Scorers that agree on everything but their name share one actor pool (one model pass)."""
+        return tuple(sorted((k, repr(v)) for k, v in self.model_dump().items() if k != "name"))
+
+
+class ClusterConfig(_Frozen):
+    k: int = Field(64, ge=1, description="number of k-means clusters (capped at the number of usable rows)")
+    sample: int = Field(100_000, ge=1, description="embeddings k-means trains on")
+    niter: int = Field(20, ge=1)
+    seed: int = 0
+
+
+class SelectConfig(_Frozen):
+    budget: float | int = Field(
+        description="a fraction of the usable rows in (0, 1], or a row count >= 1 (write 1.0 for all rows)"
+    )
+    policy: str = "stratified"
+    score: str | None = Field("entropy", description="the score column the policy ranks by")
+    order: Literal["asc", "desc"] = Field("desc", description="desc keeps the highest scores")
+    threshold: float | None = Field(None, description="`threshold` policy: keep rows whose score passes this")
+    seed: int = 0
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, budget: float | int) -> float | int:
+        if isinstance(budget, bool):
+            raise ValueError("must be a fraction in (0, 1] or a row count")
+        if isinstance(budget, float) and not 0 < budget <= 1:
+            raise ValueError(f"a fractional budget must be in (0, 1], got {budget}; write a row count as an integer")
+        if isinstance(budget, int) and budget < 1:
+            raise ValueError(f"a row-count budget must be >= 1, got {budget}")
+        return budget
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, policy: str) -> str:
+        from raysel.select import POLICIES
+
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose from {sorted(POLICIES)}")
+        return policy
+
+
+class RayConfig(_Frozen):
+    address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS, else a local cluster")
+
+
+class RunConfig(_Frozen):
+    """Everything one selection run needs. Load it with `load_config`."""
+
+    input: InputConfig
+    output: OutputConfig
+    embed: EmbedConfig = EmbedConfig()
+    scorers: list[ScorerConfig] = Field(default_factory=lambda: [ScorerConfig(name="entropy"), ScorerConfig(name="loss")])
+    cluster: ClusterConfig = ClusterConfig()
+    select: SelectConfig
+    work_dir: str | None = Field(None, description="where scores and clusters are kept for reuse; default: cache")
+    ray: RayConfig = RayConfig()
+
+    @field_validator("scorers", mode="before")
+    @classmethod
+    def _names_as_scorers(cls, scorers: Any) -> Any:
+        if isinstance(scorers, list):
+            return [{"name": s} if isinstance(s, str) else s for s in scorers]
+        return scorers
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        names = [s.name for s in self.scorers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"scorers: each scorer may appear once, got {names}")
+        from raysel.select import POLICIES
+
+        if POLICIES[self.select.policy].needs_score:
+            if self.select.score is None:
+                raise ValueError(f"select.score: policy {self.select.policy!r} ranks by a score; name one of {names}")
+            if self.select.score not in names:
+                raise ValueError(
+                    f"select.score: {self.select.score!r} is not computed; add it to `scorers` or choose from {names}"
+                )
+        if self.select.policy == "threshold" and self.select.threshold is None:
+            raise ValueError("select.threshold: the `threshold` policy needs a threshold value")
+        return self
+
+    @property
+    def score_columns(self) -> list[str]:
+        return [s.name for s in self.scorers]
+
+    def resolved_work_dir(self) -> str:
+        return self.work_dir or str(cache_dir() / "work")
+
+
+def cache_dir() -> Path:
+    """raysel's cache root: $RAYSEL_CACHE, else $XDG_CACHE_HOME/raysel, else ~/.cache/raysel."""
+    if os.environ.get("RAYSEL_CACHE"):
+        return Path(os.environ["RAYSEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "raysel"
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {path}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (values parsed as YAML; list items by index: `scorers.0.batch_size=8`)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set select.budget=0.1")
+        node: Any = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        last = parts[-1]
+        parsed = yaml.safe_load(value) if value != "" else None
+        if isinstance(node, list):
+            node[int(last)] = parsed
+        else:
+            node[last] = parsed
+    return raw
+
+
+def parse_config(raw: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply `--set` overrides, validate. Raises ConfigError naming each bad field."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (input:, output:, select: ...)")
+    return parse_config(apply_overrides(raw, overrides or []))

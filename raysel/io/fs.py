@@ -1,0 +1,80 @@
+"""Filesystems through pyarrow.fs: a local path or an s3:// URI, resolved in one place."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+
+import pyarrow.fs as pafs
+
+from raysel.errors import InputError
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it). s3:// honours AWS_ENDPOINT_URL / AWS_* credentials from the environment."""
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs: dict = {"region": os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))}
+        if endpoint:
+            scheme, _, host = endpoint.rpartition("://")
+            kwargs.update(endpoint_override=host or endpoint, scheme=scheme or "https")
+        fs = pafs.S3FileSystem(
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=6), **kwargs
+        )
+        return fs, uri.removeprefix("s3://").rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    return base.rstrip("/") + "/" + "/".join(parts) if base.startswith("s3://") else os.path.join(base, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(uri: str) -> str:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text(uri: str, text: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def list_files(uri: str, suffixes: tuple[str, ...]) -> list[tuple[str, str, int, int]]:
+    """Files under a file, folder or glob: (uri, path relative to the input root, size, mtime_ns), sorted.
+
+    The relative path is what stable ids are derived from, so moving a corpus folder keeps its ids.
+    """
+    fs, path = resolve(uri)
+    prefix = "s3://" if uri.startswith("s3://") else ""
+    if any(ch in path for ch in "*?["):
+        root = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if fnmatch.fnmatch(i.path, path)]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"input.path {uri!r} does not exist")
+        if info.type == pafs.FileType.File:
+            root, infos = posixpath.dirname(path), [info]
+        else:
+            root, infos = path, fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = [
+        (prefix + i.path, posixpath.relpath(i.path, root), i.size or 0, i.mtime_ns or 0)
+        for i in infos
+        if i.type == pafs.FileType.File and i.base_name.endswith(suffixes) and not i.base_name.startswith((".", "_"))
+    ]
+    return sorted(files)

@@ -1,0 +1,337 @@
+"""One selection run, top-down: read → score → cluster → select → write.
+
+    pass 1  score     Ray Data streams the corpus files through the reader, the embedding actor pool
+                      and the scorer actor pools; the scored shards (id, scores, embedding, provenance,
+                      quarantine reason) go to the work dir, keyed by what determines them, and are
+                      reused by any later run with the same input, models and scorer settings.
+    pass 2  cluster   FAISS spherical k-means on a seeded sample of the embeddings (centroids kept in
+                      the work dir), then every row assigned to its nearest centroid in map_batches.
+    pass 3  select    the policy chooses among the usable rows inside the budget (driver side: only
+                      ids, clusters and scores travel there, never texts or embeddings).
+    pass 4  write     OUT/ledger (one row per input row), OUT/selected (the chosen rows joined back to
+                      their original records), OUT/manifest.json, and OUT/_SUCCESS last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raysel import __version__
+from raysel._internal.ray_stage import IO_TASK_CPUS, fit_cpus, init_ray, map_stage
+from raysel.cluster import ClusterAssigner, sample_keys, train_centroids
+from raysel.config import RunConfig, ScorerConfig
+from raysel.embed import Embedder
+from raysel.errors import SinkError
+from raysel.io import fs as rfs
+from raysel.io.read import CorpusReader, InputFile, check_input, list_input
+from raysel.io.sink import OutputSink
+from raysel.models import model_fingerprint
+from raysel.scorers import SCORERS
+from raysel.select import POLICIES, Candidates, budget_rows
+
+# Bump when a change to reading or scoring changes what pass 1 writes: old shards are then not reused.
+SCORES_FORMAT = 1
+_FINGERPRINT_BYTES = 1 << 20
+
+
+@dataclass
+class RunResult:
+    output: str
+    manifest: dict[str, Any]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 3)
+
+
+def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
+    """Run one selection end to end and commit its output. Raises RayselError subclasses on bad input."""
+    timings: dict[str, float] = {}
+    sink = OutputSink(config.output.path, overwrite=overwrite or config.output.overwrite)
+    sink.prepare()
+    files = list_input(config.input)
+    check_input(files, config.input)
+    init_ray(config.ray.address)
+
+    with _timed(timings, "score"):
+        scores_uri, score_key, scores_reused = score_pass(config, files)
+    with _timed(timings, "cluster"):
+        centroids, clusters_reused = cluster_pass(config, scores_uri, score_key)
+    with _timed(timings, "select"):
+        table = collect_rows(config, scores_uri, centroids)
+        table, selection_info = select_pass(config, table)
+    with _timed(timings, "write"):
+        sink.write_ledger(table)
+        written = write_selected(config, files, table, sink)
+        counts = dict(Counter(table.column("status").to_pylist()))
+        manifest = _manifest(config, files, table, counts, timings, selection_info, written, centroids,
+                             reuse={"scores": {"key": score_key, "reused": scores_reused, "uri": scores_uri},
+                                    "clusters": {"reused": clusters_reused}})
+        sink.commit(manifest)
+    manifest["seconds"]["write"] = timings["write"]
+    return RunResult(config.output.path, manifest, counts)
+
+
+# --- pass 1: score -------------------------------------------------------------------------------------------
+
+
+def score_key(config: RunConfig, files: list[InputFile]) -> str:
+    """What determines pass 1's output: the input's content, the reading settings, the models and scorers."""
+    scorer_settings = [s.model_dump(include={"name", "model", "max_tokens", "device"}) for s in config.scorers]
+    key = {
+        "format": SCORES_FORMAT,
+        "files": [(f.rel, f.size, _content_fingerprint(f)) for f in files],
+        "input": config.input.model_dump(exclude={"path"}),
+        "embed": config.embed.model_dump(include={"model", "max_tokens", "device"}),
+        "embed_model": model_fingerprint(config.embed.model, "encoder"),
+        "scorers": scorer_settings,
+        "scorer_models": sorted({model_fingerprint(s.model, "causal_lm") for s in config.scorers}),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _content_fingerprint(f: InputFile) -> str:
+    """A hash of the file's first and last MiB and its size: cheap on a TB corpus, and it sees most edits."""
+    fs, path = rfs.resolve(f.uri)
+    digest = hashlib.sha256(str(f.size).encode())
+    with fs.open_input_file(path) as handle:
+        digest.update(handle.read(_FINGERPRINT_BYTES))
+        if f.size > 2 * _FINGERPRINT_BYTES:
+            handle.seek(f.size - _FINGERPRINT_BYTES)
+            digest.update(handle.read(_FINGERPRINT_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def scorer_stages(scorers: list[ScorerConfig]) -> list[tuple[type, ScorerConfig, tuple[str, ...]]]:
+    """Group scorers that share a class and settings into one stage: one model pass computes them all."""
+    groups: dict[tuple, list[ScorerConfig]] = {}
+    for s in scorers:
+        groups.setdefault((SCORERS[s.name], s.stage_key()), []).append(s)
+    return [(cls, group[0], tuple(s.name for s in group)) for (cls, _), group in groups.items()]
+
+
+def score_pass(config: RunConfig, files: list[InputFile]) -> tuple[str, str, bool]:
+    """Pass 1. Returns (scores folder, reuse key, whether it was reused)."""
+    import ray
+
+    key = score_key(config, files)
+    base = rfs.join(config.resolved_work_dir(), key)
+    scores_uri = rfs.join(base, "scores")
+    if rfs.exists(rfs.join(base, "_SUCCESS")):
+        return scores_uri, key, True
+    rfs.delete_dir(scores_uri)  # an earlier run died before committing: its shards are not trusted
+
+    stages = scorer_stages(config.scorers)
+    cpus = fit_cpus([config.embed] + [cfg for _, cfg, _ in stages], ray.cluster_resources().get("CPU", 1.0))
+    ds = ray.data.from_items([{"uri": f.uri, "rel": f.rel} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(_read_files, fn_kwargs={"config": config.input}, batch_size=1, num_cpus=IO_TASK_CPUS)
+    ds = map_stage(ds, Embedder, config.embed, cpus[0], config=config.embed)
+    for (cls, cfg, outputs), stage_cpus in zip(stages, cpus[1:], strict=True):
+        ds = map_stage(ds, cls, cfg, stage_cpus, config=cfg, outputs=outputs)
+    fs, path = rfs.resolve(scores_uri)
+    ds.drop_columns(["text"]).write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+    rfs.write_text(rfs.join(base, "meta.json"), json.dumps({"key": key, "config": config.model_dump()}, indent=2))
+    rfs.write_text(rfs.join(base, "_SUCCESS"), "")
+    return scores_uri, key, False
+
+
+def _read_files(batch: dict[str, np.ndarray], config: Any):
+    yield from CorpusReader(config)(batch)
+
+
+# --- pass 2: cluster -----------------------------------------------------------------------------------------
+
+
+def cluster_pass(config: RunConfig, scores_uri: str, key: str) -> tuple[np.ndarray, bool]:
+    """Pass 2: centroids trained on a seeded, order-independent sample of usable embeddings (cached)."""
+    cfg = config.cluster
+    ckey = hashlib.sha256(f"{key}|{cfg.model_dump_json()}".encode()).hexdigest()[:16]
+    uri = rfs.join(rfs.join(config.resolved_work_dir(), key), f"centroids-{ckey}.npy")
+    if rfs.exists(uri):
+        fs, path = rfs.resolve(uri)
+        with fs.open_input_file(path) as f:
+            return np.load(f), True
+    sample = _sample_embeddings(scores_uri, cfg.sample, cfg.seed)
+    if len(sample) == 0:
+        raise SinkError("no usable rows to cluster: every row was quarantined (see the reasons in the ledger)")
+    centroids = train_centroids(sample, cfg)
+    fs, path = rfs.resolve(uri)
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, centroids)
+    with fs.open_output_stream(path) as f:
+        f.write(buf.getvalue())
+    return centroids, False
+
+
+def _sample_embeddings(scores_uri: str, size: int, seed: int) -> np.ndarray:
+    """Bottom-`size` rows by a seeded hash of their id: the same sample whatever order rows stream in."""
+    import ray
+
+    fs, path = rfs.resolve(scores_uri)
+    keys = np.empty(0, dtype=np.uint64)
+    vectors: np.ndarray | None = None
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=["id", "reason", "embedding"])
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=16384):
+        usable = batch["reason"] == ""
+        if not usable.any():
+            continue
+        emb = np.asarray(np.stack(batch["embedding"][usable]), dtype=np.float32)
+        keys = np.concatenate([keys, sample_keys(batch["id"][usable], seed)])
+        vectors = emb if vectors is None else np.concatenate([vectors, emb])
+        if len(keys) > size:
+            keep = np.argpartition(keys, size - 1)[:size]
+            keys, vectors = keys[keep], vectors[keep]
+    if vectors is None:
+        return np.empty((0, 0), dtype=np.float32)
+    order = np.argsort(keys, kind="stable")
+    return vectors[order]
+
+
+# --- pass 3: select ------------------------------------------------------------------------------------------
+
+
+def collect_rows(config: RunConfig, scores_uri: str, centroids: np.ndarray) -> pa.Table:
+    """Every row's id, provenance, scores and cluster (no text, no embedding) on the driver, sorted by id."""
+    import ray
+
+    fs, path = rfs.resolve(scores_uri)
+    ds = ray.data.read_parquet(path, filesystem=fs)
+    ds = ds.map_batches(_assign, fn_kwargs={"centroids": centroids}, batch_format="numpy", num_cpus=IO_TASK_CPUS)
+    tables = [t for t in ds.drop_columns(["embedding"]).iter_batches(batch_format="pyarrow", batch_size=None)]
+    table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+    table = table.sort_by([("id", "ascending"), ("source", "ascending"), ("row", "ascending")])
+    return _quarantine_duplicate_ids(table)
+
+
+def _assign(batch: dict[str, np.ndarray], centroids: np.ndarray) -> dict[str, np.ndarray]:
+    return ClusterAssigner(centroids)(batch)
+
+
+def _quarantine_duplicate_ids(table: pa.Table) -> pa.Table:
+    """A repeated id keeps its first (file, row) occurrence; later ones are quarantined, saying where it was."""
+    ids = table.column("id").to_numpy(zero_copy_only=False)
+    reasons = table.column("reason").to_numpy(zero_copy_only=False).copy()
+    usable = np.flatnonzero(reasons == "")
+    if len(usable) < 2:
+        return table
+    uid = ids[usable]
+    repeat = np.concatenate([[False], uid[1:] == uid[:-1]])
+    if not repeat.any():
+        return table
+    sources = table.column("source").to_numpy(zero_copy_only=False)
+    rows = table.column("row").to_numpy()
+    first = usable[0]
+    for pos, idx in enumerate(usable):
+        if not repeat[pos]:
+            first = idx
+        else:
+            reasons[idx] = f"duplicate id (first at {sources[first]}:{rows[first]})"
+    return table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reasons, type=pa.string()))
+
+
+def select_pass(config: RunConfig, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
+    """Run the policy on the usable rows; add `status` and fill `reason` for every row."""
+    reasons = table.column("reason").to_numpy(zero_copy_only=False).astype(object)
+    usable = np.flatnonzero(reasons == "")
+    candidates = Candidates(
+        ids=table.column("id").to_numpy(zero_copy_only=False)[usable],
+        cluster=table.column("cluster").to_numpy()[usable],
+        scores={s: table.column(s).to_numpy(zero_copy_only=False)[usable].astype(np.float64)
+                for s in config.score_columns},
+    )
+    budget = budget_rows(config.select.budget, len(candidates))
+    policy = POLICIES[config.select.policy](config.select)
+    selection = policy.select(candidates, budget)
+    status = np.full(table.num_rows, "quarantined", dtype=object)
+    status[usable] = np.where(selection.selected, "selected", "rejected")
+    reasons[usable] = selection.reasons
+    table = table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reasons, type=pa.string()))
+    table = table.add_column(1, "status", pa.array(status, type=pa.string()))
+    info = {"policy": config.select.policy, "budget_rows": budget, "usable_rows": len(candidates), **selection.info}
+    return table, info
+
+
+# --- pass 4: write -------------------------------------------------------------------------------------------
+
+
+def write_selected(config: RunConfig, files: list[InputFile], table: pa.Table, sink: OutputSink) -> int:
+    """Join the selected rows back to their original records (all input columns) and write them."""
+    import ray
+
+    chosen = table.filter(pa.compute.equal(table.column("status"), "selected"))
+    if chosen.num_rows == 0:
+        return 0
+    attach_cols = ["source", "row", "id", "cluster", *config.score_columns]
+    attach = chosen.select(attach_cols).rename_columns(["__source", "__row", *attach_cols[2:]])
+    keep_rows: dict[str, list[int]] = {}
+    for rel, row in zip(chosen.column("source").to_pylist(), chosen.column("row").to_pylist(), strict=True):
+        keep_rows.setdefault(rel, []).append(row)
+    wanted = [f for f in files if f.rel in keep_rows]
+    ds = ray.data.from_items([{"uri": f.uri, "rel": f.rel} for f in wanted], override_num_blocks=len(wanted))
+    ds = ds.map_batches(
+        _read_selected,
+        fn_kwargs={"config": config.input, "keep_rows": keep_rows, "attach": ray.put(attach)},
+        batch_size=1, num_cpus=IO_TASK_CPUS,
+    )
+    return sink.write_selected(ds, expected_rows=chosen.num_rows)
+
+
+def _read_selected(batch: dict[str, np.ndarray], config: Any, keep_rows: dict, attach: Any):
+    import ray
+
+    attach_table = ray.get(attach) if isinstance(attach, ray.ObjectRef) else attach
+    reader = CorpusReader(config, keep_rows={r: keep_rows[r] for r in batch["rel"]})
+    for records in reader(batch):
+        clash = [c for c in attach_table.column_names if c in records.column_names and not c.startswith("__")]
+        joined = records.drop_columns(clash).join(attach_table, keys=["__source", "__row"], join_type="inner")
+        yield joined.sort_by([("__source", "ascending"), ("__row", "ascending")]).drop_columns(["__source", "__row"])
+
+
+def _manifest(config, files, table, counts, timings, selection_info, written, centroids, reuse) -> dict[str, Any]:
+    import faiss
+    import ray
+    import torch
+    import transformers
+
+    usable_clusters = table.filter(pa.compute.not_equal(table.column("cluster"), -1)).column("cluster").to_numpy()
+    sizes = np.bincount(usable_clusters, minlength=len(centroids)) if len(usable_clusters) else np.zeros(0, int)
+    reasons = Counter(
+        r for r, s in zip(table.column("reason").to_pylist(), table.column("status").to_pylist(), strict=True)
+        if s == "quarantined"
+    )
+    flags = {c: int(pa.compute.sum(table.column(c)).as_py() or 0) for c in ("text_cut", "embed_cut", "lm_cut")
+             if c in table.column_names}
+    return {
+        "raysel_version": __version__,
+        "created_unix": round(time.time(), 3),
+        "config": json.loads(config.model_dump_json()),
+        "input": {"files": len(files), "bytes": sum(f.size for f in files), "rows": table.num_rows},
+        "counts": {s: counts.get(s, 0) for s in ("selected", "rejected", "quarantined")},
+        "quarantine_reasons": dict(reasons.most_common(20)),
+        "truncated": flags,
+        "selection": selection_info,
+        "selected_rows_written": written,
+        "clusters": {"k": int(len(centroids)), "sizes": sizes.tolist()},
+        "reuse": reuse,
+        "seconds": dict(timings),
+        "versions": {
+            "python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "faiss": faiss.__version__, "pyarrow": pa.__version__,
+        },
+    }

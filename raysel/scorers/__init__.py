@@ -1,0 +1,31 @@
+"""Scorers: one file per signal, one interface, one explicit registry.
+
+A scorer is a small Ray-agnostic class: `__init__(config, outputs)` loads its model once per actor;
+`__call__(batch) -> batch` adds one float column per name in `outputs` (NaN for quarantined rows,
+whose `reason` is not empty). The pipeline runs every scorer alike, in an actor pool; scorers that
+share a model and settings (e.g. `entropy` and `loss`) share one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+SCORERS: dict[str, type] = {}
+
+
+def register_scorer(*names: str) -> Callable[[type], type]:
+    """Register a scorer class under the score names it can produce."""
+
+    def wrap(cls: type) -> type:
+        for name in names:
+            if name in SCORERS:
+                raise ValueError(f"scorer {name!r} is registered twice ({SCORERS[name].__name__}, {cls.__name__})")
+            SCORERS[name] = cls
+        return cls
+
+    return wrap
+
+
+from raysel.scorers import lm  # noqa: E402,F401  (registers entropy, loss)
+
+__all__ = ["SCORERS", "register_scorer"]
