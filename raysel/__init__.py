@@ -1,7 +1,7 @@
 """raysel: score and select language-model training data on Ray.
 
-    >>> from raysel import load_config, run                                      # doctest: +SKIP
-    >>> result = run(load_config("run.yaml"))
+>>> from raysel import load_config, run                                      # doctest: +SKIP
+>>> result = run(load_config("run.yaml"))
 """
 
 __version__ = "0.1.0"

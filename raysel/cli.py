@@ -36,8 +36,12 @@ def _fail(err: Exception) -> None:
 def run(
     config: Annotated[Path, typer.Argument(help="YAML run config: input, output, embed, scorers, cluster, select.")],
     set_: SetOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an output folder that already holds a committed run.")] = False,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an output folder that already holds a committed run.")
+    ] = False,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")
+    ] = None,
 ) -> None:
     """Run one selection: score, cluster, select, write OUT/selected, OUT/ledger, OUT/manifest.json, OUT/_SUCCESS.
 

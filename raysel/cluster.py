@@ -28,8 +28,16 @@ def train_centroids(sample: np.ndarray, config: ClusterConfig) -> np.ndarray:
     k = min(config.k, len(x))
     if k == len(x):
         return _normalize(x.copy())
-    km = faiss.Kmeans(x.shape[1], k, niter=config.niter, seed=config.seed, spherical=True, verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=max(256, len(x) // k + 1))
+    km = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=config.niter,
+        seed=config.seed,
+        spherical=True,
+        verbose=False,
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(256, len(x) // k + 1),
+    )
     km.train(x)
     return _normalize(np.asarray(km.centroids, dtype=np.float32))
 

@@ -83,6 +83,7 @@ class ScorerConfig(StageConfig):
     model: str = Field("smollm2", description="`smollm2` (packaged SmolLM2-135M) or a local model folder")
     max_tokens: int = Field(128, gt=1)
     batch_size: int = Field(16, gt=0)
+    params: dict[str, Any] = Field(default_factory=dict, description="scorer-specific settings (its `Params`)")
 
     @field_validator("name")
     @classmethod
@@ -92,6 +93,19 @@ class ScorerConfig(StageConfig):
         if name not in SCORERS:
             raise ValueError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)}")
         return name
+
+    @model_validator(mode="after")
+    def _params(self) -> ScorerConfig:
+        from raysel.scorers import SCORERS
+
+        object.__setattr__(self, "params", _validate_params(SCORERS[self.name], self.params, f"scorer {self.name!r}"))
+        return self
+
+    def typed_params(self) -> Any:
+        """The params as the scorer's own `Params` model (defaults filled in)."""
+        from raysel.scorers import SCORERS
+
+        return _params_model(SCORERS[self.name]).model_validate(self.params)
 
     def stage_key(self) -> tuple:
         """Scorers that agree on everything but their name share one actor pool (one model pass)."""
@@ -114,6 +128,7 @@ class SelectConfig(_Frozen):
     order: Literal["asc", "desc"] = Field("desc", description="desc keeps the highest scores")
     threshold: float | None = Field(None, description="`threshold` policy: keep rows whose score passes this")
     seed: int = 0
+    params: dict[str, Any] = Field(default_factory=dict, description="policy-specific settings (its `Params`)")
 
     @field_validator("budget")
     @classmethod
@@ -135,6 +150,40 @@ class SelectConfig(_Frozen):
             raise ValueError(f"unknown policy {policy!r}; choose from {sorted(POLICIES)}")
         return policy
 
+    @model_validator(mode="after")
+    def _params(self) -> SelectConfig:
+        from raysel.select import POLICIES
+
+        object.__setattr__(
+            self, "params", _validate_params(POLICIES[self.policy], self.params, f"policy {self.policy!r}")
+        )
+        return self
+
+    def typed_params(self) -> Any:
+        from raysel.select import POLICIES
+
+        return _params_model(POLICIES[self.policy]).model_validate(self.params)
+
+
+class NoParams(_Frozen):
+    """A scorer or policy without settings of its own."""
+
+
+def _params_model(cls: type) -> type[BaseModel]:
+    return getattr(cls, "Params", NoParams)
+
+
+def _validate_params(cls: type, params: dict[str, Any], what: str) -> dict[str, Any]:
+    """Check `params` against the class's `Params` model; errors name the param (params.<name>: ...)."""
+    try:
+        return _params_model(cls).model_validate(params).model_dump()
+    except ValidationError as err:
+        problems = "; ".join(
+            f"params.{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
+        )
+        raise ValueError(f"{what}: {problems}") from None
+
 
 class RayConfig(_Frozen):
     address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS, else a local cluster")
@@ -146,7 +195,9 @@ class RunConfig(_Frozen):
     input: InputConfig
     output: OutputConfig
     embed: EmbedConfig = EmbedConfig()
-    scorers: list[ScorerConfig] = Field(default_factory=lambda: [ScorerConfig(name="entropy"), ScorerConfig(name="loss")])
+    scorers: list[ScorerConfig] = Field(
+        default_factory=lambda: [ScorerConfig(name="entropy"), ScorerConfig(name="loss")]
+    )
     cluster: ClusterConfig = ClusterConfig()
     select: SelectConfig
     work_dir: str | None = Field(None, description="where scores and clusters are kept for reuse; default: cache")

@@ -47,7 +47,9 @@ def demo_corpus(per_topic: int = 200, seed: int = 0) -> Path:
     for a in bbc_articles():
         by_topic.setdefault(a["topic"], []).append(a)
     rng = random.Random(seed)
-    chosen = [a for topic in sorted(by_topic) for a in rng.sample(by_topic[topic], min(per_topic, len(by_topic[topic])))]
+    chosen = [
+        a for topic in sorted(by_topic) for a in rng.sample(by_topic[topic], min(per_topic, len(by_topic[topic])))
+    ]
     rng.shuffle(chosen)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")

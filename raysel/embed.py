@@ -23,8 +23,10 @@ class Embedder:
         self.config = config
         set_threads(config.threads or max(1, round(config.resources.cpus)))
         self.model = load_encoder(config.model, device=config.device, max_tokens=config.max_tokens)
-        self.dim = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") else (
-            self.model.get_sentence_embedding_dimension()
+        self.dim = (
+            self.model.get_embedding_dimension()
+            if hasattr(self.model, "get_embedding_dimension")
+            else (self.model.get_sentence_embedding_dimension())
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -35,7 +37,10 @@ class Embedder:
         if len(usable):
             texts = [batch["text"][i] for i in usable]
             embedding[usable] = self.model.encode(
-                texts, batch_size=self.config.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                texts,
+                batch_size=self.config.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
                 show_progress_bar=False,
             )
             lengths = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]

@@ -1,15 +1,15 @@
 """One selection run, top-down: read → score → cluster → select → write.
 
-    pass 1  score     Ray Data streams the corpus files through the reader, the embedding actor pool
-                      and the scorer actor pools; the scored shards (id, scores, embedding, provenance,
-                      quarantine reason) go to the work dir, keyed by what determines them, and are
-                      reused by any later run with the same input, models and scorer settings.
-    pass 2  cluster   FAISS spherical k-means on a seeded sample of the embeddings (centroids kept in
-                      the work dir), then every row assigned to its nearest centroid in map_batches.
-    pass 3  select    the policy chooses among the usable rows inside the budget (driver side: only
-                      ids, clusters and scores travel there, never texts or embeddings).
-    pass 4  write     OUT/ledger (one row per input row), OUT/selected (the chosen rows joined back to
-                      their original records), OUT/manifest.json, and OUT/_SUCCESS last.
+pass 1  score     Ray Data streams the corpus files through the reader, the embedding actor pool
+                  and the scorer actor pools; the scored shards (id, scores, embedding, provenance,
+                  quarantine reason) go to the work dir, keyed by what determines them, and are
+                  reused by any later run with the same input, models and scorer settings.
+pass 2  cluster   FAISS spherical k-means on a seeded sample of the embeddings (centroids kept in
+                  the work dir), then every row assigned to its nearest centroid in map_batches.
+pass 3  select    the policy chooses among the usable rows inside the budget (driver side: only
+                  ids, clusters and scores travel there, never texts or embeddings).
+pass 4  write     OUT/ledger (one row per input row), OUT/selected (the chosen rows joined back to
+                  their original records), OUT/manifest.json, and OUT/_SUCCESS last.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import pyarrow as pa
 
 from raysel import __version__
 from raysel._internal.ray_stage import IO_TASK_CPUS, fit_cpus, init_ray, map_stage
-from raysel.cluster import ClusterAssigner, sample_keys, train_centroids
+from raysel.cluster import ClusterAssigner, train_centroids
 from raysel.config import RunConfig, ScorerConfig
+from raysel.context import RunContext, sample_rows
 from raysel.embed import Embedder
 from raysel.errors import SinkError
 from raysel.io import fs as rfs
@@ -69,18 +70,31 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
 
     with _timed(timings, "score"):
         scores_uri, score_key, scores_reused = score_pass(config, files)
+        scores_uri = rescore_pass(config, files, scores_uri, score_key)
     with _timed(timings, "cluster"):
         centroids, clusters_reused = cluster_pass(config, scores_uri, score_key)
     with _timed(timings, "select"):
         table = collect_rows(config, scores_uri, centroids)
-        table, selection_info = select_pass(config, table)
+        context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), score_key), files)
+        table, selection_info = select_pass(config, table, context)
     with _timed(timings, "write"):
         sink.write_ledger(table)
         written = write_selected(config, files, table, sink)
         counts = dict(Counter(table.column("status").to_pylist()))
-        manifest = _manifest(config, files, table, counts, timings, selection_info, written, centroids,
-                             reuse={"scores": {"key": score_key, "reused": scores_reused, "uri": scores_uri},
-                                    "clusters": {"reused": clusters_reused}})
+        manifest = _manifest(
+            config,
+            files,
+            table,
+            counts,
+            timings,
+            selection_info,
+            written,
+            centroids,
+            reuse={
+                "scores": {"key": score_key, "reused": scores_reused, "uri": scores_uri},
+                "clusters": {"reused": clusters_reused},
+            },
+        )
         sink.commit(manifest)
     manifest["seconds"]["write"] = timings["write"]
     return RunResult(config.output.path, manifest, counts)
@@ -91,7 +105,8 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
 
 def score_key(config: RunConfig, files: list[InputFile]) -> str:
     """What determines pass 1's output: the input's content, the reading settings, the models and scorers."""
-    scorer_settings = [s.model_dump(include={"name", "model", "max_tokens", "device"}) for s in config.scorers]
+    text_scorers = [s for s in config.scorers if getattr(SCORERS[s.name], "inputs", "text") == "text"]
+    scorer_settings = [s.model_dump(include={"name", "model", "max_tokens", "device", "params"}) for s in text_scorers]
     key = {
         "format": SCORES_FORMAT,
         "files": [(f.rel, f.size, _content_fingerprint(f)) for f in files],
@@ -99,7 +114,7 @@ def score_key(config: RunConfig, files: list[InputFile]) -> str:
         "embed": config.embed.model_dump(include={"model", "max_tokens", "device"}),
         "embed_model": model_fingerprint(config.embed.model, "encoder"),
         "scorers": scorer_settings,
-        "scorer_models": sorted({model_fingerprint(s.model, "causal_lm") for s in config.scorers}),
+        "scorer_models": sorted({model_fingerprint(s.model, "causal_lm") for s in text_scorers}),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -116,10 +131,12 @@ def _content_fingerprint(f: InputFile) -> str:
     return digest.hexdigest()[:16]
 
 
-def scorer_stages(scorers: list[ScorerConfig]) -> list[tuple[type, ScorerConfig, tuple[str, ...]]]:
+def scorer_stages(scorers: list[ScorerConfig], inputs: str) -> list[tuple[type, ScorerConfig, tuple[str, ...]]]:
     """Group scorers that share a class and settings into one stage: one model pass computes them all."""
     groups: dict[tuple, list[ScorerConfig]] = {}
     for s in scorers:
+        if getattr(SCORERS[s.name], "inputs", "text") != inputs:
+            continue
         groups.setdefault((SCORERS[s.name], s.stage_key()), []).append(s)
     return [(cls, group[0], tuple(s.name for s in group)) for (cls, _), group in groups.items()]
 
@@ -135,7 +152,7 @@ def score_pass(config: RunConfig, files: list[InputFile]) -> tuple[str, str, boo
         return scores_uri, key, True
     rfs.delete_dir(scores_uri)  # an earlier run died before committing: its shards are not trusted
 
-    stages = scorer_stages(config.scorers)
+    stages = scorer_stages(config.scorers, "text")
     cpus = fit_cpus([config.embed] + [cfg for _, cfg, _ in stages], ray.cluster_resources().get("CPU", 1.0))
     ds = ray.data.from_items([{"uri": f.uri, "rel": f.rel} for f in files], override_num_blocks=len(files))
     ds = ds.map_batches(_read_files, fn_kwargs={"config": config.input}, batch_size=1, num_cpus=IO_TASK_CPUS)
@@ -147,6 +164,35 @@ def score_pass(config: RunConfig, files: list[InputFile]) -> tuple[str, str, boo
     rfs.write_text(rfs.join(base, "meta.json"), json.dumps({"key": key, "config": config.model_dump()}, indent=2))
     rfs.write_text(rfs.join(base, "_SUCCESS"), "")
     return scores_uri, key, False
+
+
+def rescore_pass(config: RunConfig, files: list[InputFile], scores_uri: str, key: str) -> str:
+    """Pass 1b: scorers that read the scored shards (embeddings, labels), each after its driver-side `prepare`.
+
+    Returns the folder of shards that carry every score (pass 1's own when there are no such scorers)."""
+    import ray
+
+    stages = scorer_stages(config.scorers, "scored")
+    if not stages:
+        return scores_uri
+    settings = [cfg.model_dump(exclude={"actors", "resources", "threads", "batch_size"}) for _, cfg, _ in stages]
+    rkey = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    base = rfs.join(rfs.join(config.resolved_work_dir(), key), f"rescored-{rkey}")
+    out_uri = rfs.join(base, "scores")
+    if rfs.exists(rfs.join(base, "_SUCCESS")):
+        return out_uri
+    rfs.delete_dir(out_uri)
+    context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), key), files)
+    cpus = fit_cpus([cfg for _, cfg, _ in stages], ray.cluster_resources().get("CPU", 1.0))
+    fs, path = rfs.resolve(scores_uri)
+    ds = ray.data.read_parquet(path, filesystem=fs)
+    for (cls, cfg, outputs), stage_cpus in zip(stages, cpus, strict=True):
+        prepared = cls.prepare(cfg, context) if hasattr(cls, "prepare") else None
+        ds = map_stage(ds, cls, cfg, stage_cpus, config=cfg, outputs=outputs, prepared=prepared)
+    fs, path = rfs.resolve(out_uri)
+    ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+    rfs.write_text(rfs.join(base, "_SUCCESS"), "")
+    return out_uri
 
 
 def _read_files(batch: dict[str, np.ndarray], config: Any):
@@ -165,7 +211,7 @@ def cluster_pass(config: RunConfig, scores_uri: str, key: str) -> tuple[np.ndarr
         fs, path = rfs.resolve(uri)
         with fs.open_input_file(path) as f:
             return np.load(f), True
-    sample = _sample_embeddings(scores_uri, cfg.sample, cfg.seed)
+    sample = sample_rows(scores_uri, ["embedding"], cfg.sample, cfg.seed).get("embedding", np.empty((0, 0)))
     if len(sample) == 0:
         raise SinkError("no usable rows to cluster: every row was quarantined (see the reasons in the ledger)")
     centroids = train_centroids(sample, cfg)
@@ -177,30 +223,6 @@ def cluster_pass(config: RunConfig, scores_uri: str, key: str) -> tuple[np.ndarr
     with fs.open_output_stream(path) as f:
         f.write(buf.getvalue())
     return centroids, False
-
-
-def _sample_embeddings(scores_uri: str, size: int, seed: int) -> np.ndarray:
-    """Bottom-`size` rows by a seeded hash of their id: the same sample whatever order rows stream in."""
-    import ray
-
-    fs, path = rfs.resolve(scores_uri)
-    keys = np.empty(0, dtype=np.uint64)
-    vectors: np.ndarray | None = None
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["id", "reason", "embedding"])
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=16384):
-        usable = batch["reason"] == ""
-        if not usable.any():
-            continue
-        emb = np.asarray(np.stack(batch["embedding"][usable]), dtype=np.float32)
-        keys = np.concatenate([keys, sample_keys(batch["id"][usable], seed)])
-        vectors = emb if vectors is None else np.concatenate([vectors, emb])
-        if len(keys) > size:
-            keep = np.argpartition(keys, size - 1)[:size]
-            keys, vectors = keys[keep], vectors[keep]
-    if vectors is None:
-        return np.empty((0, 0), dtype=np.float32)
-    order = np.argsort(keys, kind="stable")
-    return vectors[order]
 
 
 # --- pass 3: select ------------------------------------------------------------------------------------------
@@ -245,15 +267,22 @@ def _quarantine_duplicate_ids(table: pa.Table) -> pa.Table:
     return table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reasons, type=pa.string()))
 
 
-def select_pass(config: RunConfig, table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
-    """Run the policy on the usable rows; add `status` and fill `reason` for every row."""
+def select_pass(
+    config: RunConfig, table: pa.Table, context: RunContext | None = None
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Run the policy on the usable rows; add `status` and fill `reason` for every row.
+
+    Policies that need more than ids, clusters and scores (embeddings, an expensive scorer to probe
+    with) find the run's `RunContext` in `candidates.extra["context"]`."""
     reasons = table.column("reason").to_numpy(zero_copy_only=False).astype(object)
     usable = np.flatnonzero(reasons == "")
     candidates = Candidates(
         ids=table.column("id").to_numpy(zero_copy_only=False)[usable],
         cluster=table.column("cluster").to_numpy()[usable],
-        scores={s: table.column(s).to_numpy(zero_copy_only=False)[usable].astype(np.float64)
-                for s in config.score_columns},
+        scores={
+            s: table.column(s).to_numpy(zero_copy_only=False)[usable].astype(np.float64) for s in config.score_columns
+        },
+        extra={"context": context, "labels": _column(table, "label", usable)},
     )
     budget = budget_rows(config.select.budget, len(candidates))
     policy = POLICIES[config.select.policy](config.select)
@@ -265,6 +294,10 @@ def select_pass(config: RunConfig, table: pa.Table) -> tuple[pa.Table, dict[str,
     table = table.add_column(1, "status", pa.array(status, type=pa.string()))
     info = {"policy": config.select.policy, "budget_rows": budget, "usable_rows": len(candidates), **selection.info}
     return table, info
+
+
+def _column(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray | None:
+    return table.column(name).to_numpy(zero_copy_only=False)[rows] if name in table.column_names else None
 
 
 # --- pass 4: write -------------------------------------------------------------------------------------------
@@ -287,7 +320,8 @@ def write_selected(config: RunConfig, files: list[InputFile], table: pa.Table, s
     ds = ds.map_batches(
         _read_selected,
         fn_kwargs={"config": config.input, "keep_rows": keep_rows, "attach": ray.put(attach)},
-        batch_size=1, num_cpus=IO_TASK_CPUS,
+        batch_size=1,
+        num_cpus=IO_TASK_CPUS,
     )
     return sink.write_selected(ds, expected_rows=chosen.num_rows)
 
@@ -312,11 +346,15 @@ def _manifest(config, files, table, counts, timings, selection_info, written, ce
     usable_clusters = table.filter(pa.compute.not_equal(table.column("cluster"), -1)).column("cluster").to_numpy()
     sizes = np.bincount(usable_clusters, minlength=len(centroids)) if len(usable_clusters) else np.zeros(0, int)
     reasons = Counter(
-        r for r, s in zip(table.column("reason").to_pylist(), table.column("status").to_pylist(), strict=True)
+        r
+        for r, s in zip(table.column("reason").to_pylist(), table.column("status").to_pylist(), strict=True)
         if s == "quarantined"
     )
-    flags = {c: int(pa.compute.sum(table.column(c)).as_py() or 0) for c in ("text_cut", "embed_cut", "lm_cut")
-             if c in table.column_names}
+    flags = {
+        c: int(pa.compute.sum(table.column(c)).as_py() or 0)
+        for c in ("text_cut", "embed_cut", "lm_cut")
+        if c in table.column_names
+    }
     return {
         "raysel_version": __version__,
         "created_unix": round(time.time(), 3),
@@ -331,7 +369,11 @@ def _manifest(config, files, table, counts, timings, selection_info, written, ce
         "reuse": reuse,
         "seconds": dict(timings),
         "versions": {
-            "python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "faiss": faiss.__version__, "pyarrow": pa.__version__,
+            "python": platform.python_version(),
+            "ray": ray.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "faiss": faiss.__version__,
+            "pyarrow": pa.__version__,
         },
     }

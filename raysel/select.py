@@ -169,7 +169,9 @@ class ThresholdPolicy(Policy):
         selected[best] = True
         side = "below" if self.config.order == "desc" else "above"
         reasons = np.where(
-            selected, "", np.where(passing, "passed the threshold, over the budget", f"{self.config.score} {side} {thr}")
+            selected,
+            "",
+            np.where(passing, "passed the threshold, over the budget", f"{self.config.score} {side} {thr}"),
         )
         return Selection(selected, reasons.astype(object), {"passing": int(passing.sum())})
 
@@ -182,5 +184,8 @@ class StratifiedPolicy(Policy):
         clusters, sizes = np.unique(candidates.cluster, return_counts=True)
         quotas = largest_remainder(sizes, budget, caps=sizes)
         return take_within_clusters(
-            candidates, dict(zip(clusters.tolist(), quotas.tolist(), strict=True)), self.config.score, self.config.order
+            candidates,
+            dict(zip(clusters.tolist(), quotas.tolist(), strict=True)),
+            self.config.score,
+            self.config.order,
         )

@@ -19,9 +19,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         if endpoint:
             scheme, _, host = endpoint.rpartition("://")
             kwargs.update(endpoint_override=host or endpoint, scheme=scheme or "https")
-        fs = pafs.S3FileSystem(
-            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=6), **kwargs
-        )
+        fs = pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=6), **kwargs)
         return fs, uri.removeprefix("s3://").rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 

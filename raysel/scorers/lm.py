@@ -50,7 +50,7 @@ class CausalLMScorer:
         >>> scorer({"text": np.array(["The cat sat."], dtype=object), "reason": np.array([""], dtype=object)})
     """
 
-    def __init__(self, config: ScorerConfig, outputs: tuple[str, ...]) -> None:
+    def __init__(self, config: ScorerConfig, outputs: tuple[str, ...], prepared: dict | None = None) -> None:
         self.config = config
         self.outputs = outputs
         set_threads(config.threads or max(1, round(config.resources.cpus)))
@@ -69,9 +69,9 @@ class CausalLMScorer:
         usable = np.flatnonzero(batch["reason"] == "")
         if len(usable):
             limit = self.config.max_tokens - (self.prefix is not None)
-            encoded = self.tokenizer(
-                [batch["text"][i] for i in usable], add_special_tokens=False, truncation=False
-            )["input_ids"]
+            encoded = self.tokenizer([batch["text"][i] for i in usable], add_special_tokens=False, truncation=False)[
+                "input_ids"
+            ]
             ids = [([self.prefix] if self.prefix is not None else []) + e[:limit] for e in encoded]
             cut[usable] = [len(e) > limit for e in encoded]
             order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths together: less padding

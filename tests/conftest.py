@@ -1,0 +1,84 @@
+"""Shared fixtures: one local Ray cluster for the whole session, small real corpora."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """raysel's cache (converted models, work dirs) in one place per session; the converted SmolLM2 is
+    shared across sessions through RAYSEL_TEST_MODEL_CACHE so CI converts the GGUF once."""
+    models = Path(os.environ.get("RAYSEL_TEST_MODEL_CACHE", Path.home() / ".cache" / "raysel"))
+    os.environ["RAYSEL_CACHE"] = str(models)
+    yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every test that needs one; its address is exported as RAY_ADDRESS so that
+    `raysel` subprocesses join it instead of starting their own."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = address
+    yield address
+    ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = previous
+
+
+def bbc_sample(n: int, seed: int = 0, max_chars: int = 300) -> list[dict]:
+    """n real BBC articles (cut to max_chars), with topic labels, in a seeded order."""
+    from raysel.demo import bbc_articles
+
+    articles = bbc_articles()
+    random.Random(seed).shuffle(articles)
+    return [{"id": a["id"], "text": a["text"][:max_chars], "topic": a["topic"]} for a in articles[:n]]
+
+
+BAD_LINES = [
+    b'{"id": "b1", "text": "unterminated\n',
+    b'{"id": "b2", "text": "   "}\n',
+    b'{"id": "b3", "text": 17}\n',
+    b'{"id": "b4", "text": "caf\xe9"}\n',
+    b'{"id": "b5", "body": "no text"}\n',
+    b"[1, 2, 3]\n",
+]
+
+
+def write_jsonl(path: Path, rows: list[dict], bad: list[bytes] = ()) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps(r).encode() + b"\n")
+            if bad and i % max(1, len(rows) // len(bad)) == 0 and i // max(1, len(rows) // len(bad)) < len(bad):
+                f.write(bad[i // max(1, len(rows) // len(bad))])
+    return path
+
+
+@pytest.fixture
+def small_corpus(tmp_path) -> Path:
+    """40 real articles and 6 bad lines of every kind, as JSONL."""
+    return write_jsonl(tmp_path / "corpus.jsonl", bbc_sample(40), BAD_LINES)
