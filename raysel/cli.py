@@ -104,8 +104,87 @@ def demo(
         _fail(err)
 
 
+@app.command()
+def serve(
+    config: Annotated[
+        Path | None, typer.Option(help="Serve config YAML: scorers, embed, limits, batching, replicas.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 to expose beyond this machine).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")
+    ] = None,
+) -> None:
+    """Start the scoring service (Ray Serve): POST /v1/score {"texts": [...], "scorers": [...]}, GET /healthz.
+
+    \b
+    A serve config (every section optional; `scorers` and `embed` take a run config's sections):
+      scorers:  [{name: entropy, max_tokens: 128}, {name: loss, max_tokens: 128}]
+      embed:    {model: minilm}                                   # serves `embedding`; null turns it off
+      limits:   {max_texts: 32, max_chars: 20000, max_body_bytes: 4194304}
+      batching: {max_texts: 32, wait_s: 0.01}                     # serve.batch across requests
+      replicas: {min: 1, max: 2, target_ongoing_requests: 4, resources: {cpus: 1, gpus: 0}}
+    """
+    from raysel.serve import serve_forever
+
+    try:
+        serve_forever(config, host=host, port=port, address=address)
+    except RayselError as err:
+        _fail(err)
+
+
+@app.command()
+def report(
+    out: Annotated[str, typer.Argument(help="A committed run's output folder (output.path; local or s3://).")],
+) -> None:
+    """Write OUT/report.html: plots of the run's scores, clusters, selection, ledger and timings (self-contained)."""
+    from raysel.report import write_report
+
+    try:
+        typer.echo(write_report(out))
+    except RayselError as err:
+        _fail(err)
+
+
+@app.command(name="eval")
+def eval_(
+    config: Annotated[Path, typer.Argument(help="YAML eval config: corpus, test, policies, budgets, seeds.")],
+    set_: SetOpt = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")
+    ] = None,
+) -> None:
+    """Compare selection policies by the test accuracy of a model trained on what each one selects.
+
+    \b
+    An eval config (see docs/eval.md and raysel/configs/eval-bbc.yaml):
+      corpus:   {path: corpus.jsonl, text_field: text, label_field: topic}   # or path: bbc
+      test:     {fraction: 0.2, seed: 0}                                     # or {path: test.jsonl}
+      output:   out/eval
+      scorers:  [{name: entropy, max_tokens: 48}, {name: loss, max_tokens: 48}]
+      policies: [{select: {policy: topk, score: entropy, order: desc}}]     # random and full are added
+      budgets:  [0.05, 0.1, 0.25, 0.5]
+      seeds:    3
+      downstream: {model: logreg}                                            # or finetune
+    Writes OUT/results.md, results.parquet, summary.parquet and accuracy_vs_budget.png.
+    """
+    from raysel.eval import load_eval_config, run_eval
+
+    try:
+        cfg = load_eval_config(config, set_ or [])
+        if address:
+            cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": address})})
+        result = run_eval(cfg, log=typer.echo)
+    except RayselError as err:
+        _fail(err)
+    typer.secho(f"results: {result.output}/results.md", fg=typer.colors.GREEN, bold=True)
+
+
 def _run_and_report(cfg, overwrite: bool) -> None:
     from raysel.pipeline import run as run_pipeline
+    from raysel.report import write_report
 
     result = run_pipeline(cfg, overwrite=overwrite)
     m = result.manifest
@@ -122,6 +201,7 @@ def _run_and_report(cfg, overwrite: bool) -> None:
         for reason, n in list(m["quarantine_reasons"].items())[:5]:
             typer.echo(f"    {n:>5}  {reason}")
     typer.echo(f"  selected rows: {result.output}/selected/   ledger: {result.output}/ledger/")
+    typer.echo(f"  report: {write_report(result.output)}")
 
 
 def main() -> None:

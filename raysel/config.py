@@ -262,7 +262,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts = key.split(".")
         for part in parts[:-1]:
             if isinstance(node, list):
-                node = node[int(part)]
+                index = int(part)
+                if isinstance(node[index], str):  # `scorers: [entropy]` shorthand: expand to set a field
+                    node[index] = {"name": node[index]}
+                node = node[index]
             else:
                 node = node.setdefault(part, {})
             if not isinstance(node, dict | list):

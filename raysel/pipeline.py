@@ -80,23 +80,13 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     with _timed(timings, "write"):
         sink.write_ledger(table)
         written = write_selected(config, files, table, sink)
-        counts = dict(Counter(table.column("status").to_pylist()))
-        manifest = _manifest(
-            config,
-            files,
-            table,
-            counts,
-            timings,
-            selection_info,
-            written,
-            centroids,
-            reuse={
-                "scores": {"key": score_key, "reused": scores_reused, "uri": scores_uri},
-                "clusters": {"reused": clusters_reused},
-            },
-        )
-        sink.commit(manifest)
-    manifest["seconds"]["write"] = timings["write"]
+    counts = dict(Counter(table.column("status").to_pylist()))
+    reuse = {
+        "scores": {"key": score_key, "reused": scores_reused, "uri": scores_uri},
+        "clusters": {"reused": clusters_reused},
+    }
+    manifest = _manifest(config, files, table, counts, timings, selection_info, written, centroids, reuse)
+    sink.commit(manifest)  # manifest.json, then _SUCCESS
     return RunResult(config.output.path, manifest, counts)
 
 
