@@ -43,7 +43,10 @@ class Embedder:
                 convert_to_numpy=True,
                 show_progress_bar=False,
             )
-            lengths = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+            limit = self.config.max_tokens
+            lengths = self.model.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=limit + 1)[
+                "input_ids"
+            ]
             cut[usable] = [len(ids) > self.config.max_tokens for ids in lengths]
         out = dict(batch)
         out["embedding"], out["embed_cut"] = embedding, cut

@@ -135,6 +135,9 @@ def load_encoder(name: str, *, device: str = "auto", max_tokens: int = 128) -> A
 def load_causal_lm(name: str, *, device: str = "auto") -> tuple[Any, Any]:
     """(model, tokenizer) of a causal LM, eval mode, on the chosen device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per actor per load is noise in a pipeline's log
 
     device = pick_device(device)
     folder = resolve_causal_lm(name)

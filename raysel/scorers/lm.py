@@ -3,6 +3,8 @@
 For a text of tokens x_1..x_n (a BOS token x_0 prepended, so every text token is predicted):
     loss    = mean_t  -log p(x_t | x_<t)                      (perplexity = exp(loss))
     entropy = mean_t  H(p(. | x_<t)) = -sum_v p_v log p_v    over the same positions t = 1..n
+    el2n_lm = mean_t  ‖p(. | x_<t) − onehot(x_t)‖₂           EL2N (Paul et al. 2021) for unlabelled text:
+                                                           the next token is the label; 0..√2 per token
 Texts longer than `max_tokens` (BOS included) are cut; `lm_tokens` and `lm_cut` say so.
 """
 
@@ -39,9 +41,30 @@ def token_stats(logits, input_ids, attention_mask):
     return torch.where(n > 0, mean_entropy, nan), torch.where(n > 0, mean_nll, nan), n.long()
 
 
-@register_scorer("entropy", "loss")
+def token_el2n(logits, input_ids, attention_mask):
+    """Per-sequence mean over predicted tokens of ‖softmax(logits_t) − onehot(x_{t+1})‖₂ (NaN with no token).
+
+    Args:
+        logits: float tensor [B, T, V].
+        input_ids: long tensor [B, T].
+        attention_mask: {0,1} tensor [B, T], right padding.
+    """
+    import torch
+
+    p = torch.softmax(logits[:, :-1].float(), dim=-1)
+    target = input_ids[:, 1:]
+    mask = attention_mask[:, 1:].to(p.dtype)
+    # ‖p − e_y‖² = Σ p² − 2 p_y + 1: no one-hot tensor of the vocabulary's size.
+    sq = (p * p).sum(-1) - 2 * p.gather(-1, target.unsqueeze(-1)).squeeze(-1) + 1
+    per_token = sq.clamp(min=0).sqrt()
+    n = mask.sum(-1)
+    mean = (per_token * mask).sum(-1) / n.clamp(min=1)
+    return torch.where(n > 0, mean, torch.full_like(mean, float("nan")))
+
+
+@register_scorer("entropy", "loss", "el2n_lm")
 class CausalLMScorer:
-    """Adds `entropy` and/or `loss` (see the module docstring), plus `lm_tokens` and `lm_cut`.
+    """Adds `entropy`, `loss` and/or `el2n_lm` (see the module docstring), plus `lm_tokens` and `lm_cut`.
 
     Reads `text` and `reason`; rows with a reason are skipped (NaN scores).
 
@@ -64,6 +87,7 @@ class CausalLMScorer:
         n = len(batch["text"])
         entropy = np.full(n, np.nan, dtype=np.float32)
         loss = np.full(n, np.nan, dtype=np.float32)
+        el2n = np.full(n, np.nan, dtype=np.float32)
         tokens = np.zeros(n, dtype=np.int32)
         cut = np.zeros(n, dtype=bool)
         usable = np.flatnonzero(batch["reason"] == "")
@@ -77,14 +101,18 @@ class CausalLMScorer:
             order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths together: less padding
             for start in range(0, len(order), self.config.batch_size):
                 chunk = order[start : start + self.config.batch_size]
-                ent, nll, count = self._forward([ids[j] for j in chunk])
+                ent, nll, count, el = self._forward([ids[j] for j in chunk])
                 rows = usable[chunk]
                 entropy[rows], loss[rows], tokens[rows] = ent, nll, count
+                if el is not None:
+                    el2n[rows] = el
         out = dict(batch)
         if "entropy" in self.outputs:
             out["entropy"] = entropy
         if "loss" in self.outputs:
             out["loss"] = loss
+        if "el2n_lm" in self.outputs:
+            out["el2n_lm"] = el2n
         out["lm_tokens"], out["lm_cut"] = tokens, cut
         return out
 
@@ -99,5 +127,7 @@ class CausalLMScorer:
             mask[i, : len(s)] = 1
         with torch.inference_mode():
             logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            ent, nll, n = token_stats(logits, input_ids.to(self.device), mask.to(self.device))
-        return ent.float().cpu().numpy(), nll.float().cpu().numpy(), n.cpu().numpy()
+            ids_dev, mask_dev = input_ids.to(self.device), mask.to(self.device)
+            ent, nll, n = token_stats(logits, ids_dev, mask_dev)
+            el = token_el2n(logits, ids_dev, mask_dev).cpu().numpy() if "el2n_lm" in self.outputs else None
+        return ent.float().cpu().numpy(), nll.float().cpu().numpy(), n.cpu().numpy(), el

@@ -1,0 +1,145 @@
+"""Throughput of the embedding and LM-scoring stages inside the Ray Data pipeline vs the plain loop.
+
+The roofline for one machine is the best single-process loop over the same model on the same cores:
+sentence-transformers' own `encode` (it sorts texts by length to cut padding) for the encoder, and
+the scorer class called directly in-process (length-sorted batches, no Ray) for the causal LM. The
+pipeline is raysel's pass 1 restricted to one stage: a Ray Data read of a JSONL file through
+`CorpusReader`, then the stage's actor pool, on a local cluster with the same CPU count.
+
+    python benchmarks/throughput.py [--docs 1000] [--lm-docs 300] [--threads 2]
+
+Prints a Markdown table; `--out FILE` appends it with the command to a results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def corpus(n: int, max_chars: int) -> list[dict]:
+    from raysel.demo import bbc_articles
+
+    articles = bbc_articles()
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(articles))[:n]
+    return [{"id": articles[i]["id"], "text": articles[i]["text"][:max_chars]} for i in idx]
+
+
+def plain_embed(texts: list[str], cfg) -> float:
+    from raysel.models import load_encoder
+
+    model = load_encoder(cfg.model, max_tokens=cfg.max_tokens)
+    model.encode(texts[:8], batch_size=cfg.batch_size)  # warm-up: first-call allocations
+    start = time.perf_counter()
+    model.encode(texts, batch_size=cfg.batch_size, normalize_embeddings=True, show_progress_bar=False)
+    return time.perf_counter() - start
+
+
+def plain_lm(texts: list[str], cfg) -> tuple[float, int]:
+    from raysel.scorers.lm import CausalLMScorer
+
+    scorer = CausalLMScorer(cfg, outputs=("entropy", "loss"))
+    scorer({"text": np.array(texts[:2], dtype=object), "reason": np.array(["", ""], dtype=object)})
+    start = time.perf_counter()
+    out = scorer({"text": np.array(texts, dtype=object), "reason": np.array([""] * len(texts), dtype=object)})
+    return time.perf_counter() - start, int(out["lm_tokens"].sum())
+
+
+def pipeline_stage(path: Path, stage: str, cfg, input_cfg) -> tuple[float, int]:
+    """Wall time of read → one actor-pool stage → consume, measured from the first row out (actor start and
+    model load excluded, as they are for the loop) to the last."""
+    import ray
+
+    from raysel._internal.ray_stage import IO_TASK_CPUS, fit_cpus, map_stage
+    from raysel.embed import Embedder
+    from raysel.pipeline import _read_files
+    from raysel.scorers.lm import CausalLMScorer
+
+    ds = ray.data.from_items([{"uri": str(path), "rel": path.name}], override_num_blocks=1)
+    ds = ds.map_batches(_read_files, fn_kwargs={"config": input_cfg}, batch_size=1, num_cpus=IO_TASK_CPUS)
+    cpus = fit_cpus([cfg], ray.cluster_resources()["CPU"])[0]
+    if stage == "embed":
+        ds = map_stage(ds, Embedder, cfg, cpus, config=cfg)
+    else:
+        ds = map_stage(ds, CausalLMScorer, cfg, cpus, config=cfg, outputs=("entropy", "loss"))
+    first = None
+    tokens = rows = 0
+    start = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if first is None:
+            first = time.perf_counter()
+            first_rows = len(batch["id"])
+        rows += len(batch["id"])
+        tokens += int(batch["lm_tokens"].sum()) if "lm_tokens" in batch else 0
+    end = time.perf_counter()
+    # The first batch's time includes actor start-up and model load: rate over the rest, scaled back.
+    steady = (end - first) * rows / max(rows - first_rows, 1) if rows > first_rows else end - start
+    return steady, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=1000, help="texts for the embedding stage")
+    parser.add_argument("--lm-docs", type=int, default=300, help="texts for the LM stage")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, loop and actor alike")
+    parser.add_argument("--out", help="append the Markdown table to this file")
+    args = parser.parse_args()
+
+    import ray
+    import torch
+
+    from raysel.config import EmbedConfig, InputConfig, Resources, ScorerConfig
+
+    torch.set_num_threads(args.threads)
+    embed_cfg = EmbedConfig(batch_size=64, max_tokens=128, threads=args.threads, resources=Resources(cpus=1))
+    lm_cfg = ScorerConfig(
+        name="entropy", batch_size=16, max_tokens=64, threads=args.threads, resources=Resources(cpus=1)
+    )
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        docs = corpus(args.docs, 2000)
+        path = Path(tmp) / "bench.jsonl"
+        path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        lm_path = Path(tmp) / "bench_lm.jsonl"
+        lm_path.write_text("".join(json.dumps(d) + "\n" for d in docs[: args.lm_docs]))
+        input_cfg = InputConfig(path=str(path), id_field="id")
+        texts = [d["text"] for d in docs]
+
+        loop_embed = plain_embed(texts, embed_cfg)
+        loop_lm, loop_tokens = plain_lm(texts[: args.lm_docs], lm_cfg)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        pipe_embed, _ = pipeline_stage(path, "embed", embed_cfg, input_cfg)
+        pipe_lm, pipe_tokens = pipeline_stage(lm_path, "lm", lm_cfg, input_cfg)
+        ray.shutdown()
+
+    rows["embedding (MiniLM, 128 tok)"] = (args.docs / loop_embed, args.docs / pipe_embed, "docs/s")
+    rows["LM entropy+loss (SmolLM2-135M, 64 tok)"] = (loop_tokens / loop_lm, pipe_tokens / pipe_lm, "tokens/s")
+    lines = [
+        f"| stage | plain loop | pipeline | pipeline / loop |  ({os.cpu_count()} cores, {args.threads} torch threads)",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, (loop, pipe, unit) in rows.items():
+        lines.append(f"| {name} | {loop:.1f} {unit} | {pipe:.1f} {unit} | {pipe / loop:.3f} |")
+    lines.append(f"\nLM docs/s: loop {args.lm_docs / loop_lm:.2f}, pipeline {args.lm_docs / pipe_lm:.2f}")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(f"\n`python benchmarks/throughput.py {' '.join(sys.argv[1:])}`\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
