@@ -267,7 +267,7 @@ def build_figures(manifest: dict[str, Any], s: LedgerSummary) -> list[Figure]:
 def _status_figure(manifest: dict[str, Any], s: LedgerSummary) -> Figure:
     reasons = list((manifest.get("quarantine_reasons") or {}).items())[:10]
     fig = _figure(10, 3.2 if not reasons else max(3.2, 0.35 * len(reasons) + 1.2))
-    axes = fig.subplots(1, 2, width_ratios=[1, 2]) if reasons else [fig.subplots()]
+    axes = fig.subplots(1, 2, width_ratios=[1, 1.5]) if reasons else [fig.subplots()]
     names = [k for k in STATUSES if k in s.status] + [k for k in s.status if k not in STATUSES]
     counts = [s.status[k] for k in names]
     bars = axes[0].bar(names, counts, color=[_COLORS.get(k, "#777") for k in names])
@@ -499,7 +499,8 @@ def render_html(out: str, manifest: dict[str, Any], s: LedgerSummary, figures: l
     body.append(
         "<h2>Configuration</h2><details><summary>resolved config</summary>"
         f"<pre>{html.escape(json.dumps(cfg, indent=2))}</pre></details>"
-        f'<p class="caption">raysel {html.escape(str(manifest.get("raysel_version", "?")))}; {html.escape(versions)}</p>'
+        f'<p class="caption">raysel {html.escape(str(manifest.get("raysel_version", "?")))}; '
+        f"{html.escape(versions)}</p>"
     )
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
