@@ -1,0 +1,183 @@
+"""`ray job submit -- raysel run CONFIG` against a real head started with `ray start --head`, as the README says.
+
+The head is this test's own: its own ports (outside Ray's worker range 10002-19999), its own --temp-dir, its
+own auth token, so it never touches a Ray cluster another engineer runs on this machine. It is stopped by
+PID (the `ray start --block` process and every process under it), never with a machine-wide `ray stop`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import BAD_LINES, bbc_sample, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+ROWS = 20
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports in 20000-32000: above Ray's worker range, below Linux's ephemeral range."""
+    ports: set[int] = set()
+    while len(ports) < n:
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        ports.add(port)
+    return sorted(ports)
+
+
+def kill_tree(proc: psutil.Process, grace_s: float) -> None:
+    """SIGTERM `proc`, wait, then SIGKILL it and everything it started (collected before anything dies)."""
+    try:
+        family = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+    except psutil.NoSuchProcess:
+        pass
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A one-node Ray cluster of this module's own; yields (dashboard URL, environment for the Ray CLI)."""
+    temp_dir = tempfile.mkdtemp(prefix="rsj", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    gcs, dash, client, agent, agent_grpc, runtime_env, metrics, node_mgr, obj_mgr = free_ports(9)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the node finds `raysel` as it would in the image
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(32),
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    log = open(Path(temp_dir) / "head.log", "w")
+    # fmt: off
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--include-dashboard", "true",
+        "--port", str(gcs), "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+        "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
+        "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
+        "--temp-dir", temp_dir, "--disable-usage-stats",
+    ]
+    # fmt: on
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if head.poll() is not None:
+                raise RuntimeError(f"ray start exited with {head.returncode}: {(Path(temp_dir) / 'head.log').read_text()}")
+            probe = subprocess.run(
+                [str(BIN / "ray"), "job", "list", "--address", url], env=env, capture_output=True, text=True
+            )
+            if probe.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the job server at {url} did not come up in 120 s: {probe.stderr[-2000:]}")
+            time.sleep(2)
+        yield url, env
+    finally:
+        kill_tree(psutil.Process(head.pid), grace_s=20)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def ray_job(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "ray"), "job", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def job_dir(tmp_path: Path, config: dict) -> Path:
+    """A small working dir (what --working-dir uploads): the config and a 20-row corpus with broken lines."""
+    wd = tmp_path / "job"
+    write_jsonl(wd / "corpus.jsonl", bbc_sample(ROWS, max_chars=200), BAD_LINES[:3])
+    (wd / "run.yaml").write_text(yaml.safe_dump(config))
+    return wd
+
+
+def tiny_config(tmp_path: Path) -> dict:
+    return {
+        "input": {"path": "corpus.jsonl", "text_field": "text", "id_field": "id"},  # relative: the working dir
+        "output": {"path": str(tmp_path / "out")},
+        "work_dir": str(tmp_path / "work"),
+        "embed": {"batch_size": 16, "max_tokens": 16},
+        "scorers": [{"name": "entropy", "max_tokens": 16}, {"name": "loss", "max_tokens": 16}],
+        "cluster": {"k": 2},
+        "select": {"budget": 0.5, "policy": "topk", "score": "loss"},
+    }
+
+
+def test_ray_job_submit_runs_raysel_and_commits(ray_head, tmp_path):
+    url, env = ray_head
+    config = tiny_config(tmp_path)
+    wd = job_dir(tmp_path, config)
+    sid = f"raysel-test-{secrets.token_hex(4)}"
+    submit = ray_job(
+        env, "submit", "--address", url, "--submission-id", sid, "--working-dir", str(wd), "--",
+        "raysel", "run", "run.yaml",
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+
+    status = ray_job(env, "status", "--address", url, sid)
+    assert "SUCCEEDED" in status.stdout + status.stderr
+    out = tmp_path / "out"
+    assert (out / "_SUCCESS").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    input_lines = len((wd / "corpus.jsonl").read_bytes().splitlines())
+    ledger = pq.read_table(out / "ledger")
+    assert ledger.num_rows == input_lines == ROWS + 3  # every input line accounted for, the broken ones too
+    assert manifest["counts"]["quarantined"] == 3
+    assert manifest["counts"]["selected"] == pq.read_table(out / "selected").num_rows == ROWS // 2
+
+    logs = ray_job(env, "logs", "--address", url, sid)
+    assert logs.returncode == 0
+    assert f"committed: {out}" in logs.stdout  # the run's own report reached `ray job logs`
+    assert "rows read" in logs.stdout
+
+
+def test_a_failing_run_fails_the_job_and_its_error_reaches_the_logs(ray_head, tmp_path):
+    url, env = ray_head
+    config = tiny_config(tmp_path)
+    config["select"]["policy"] = "no-such-policy"
+    wd = job_dir(tmp_path, config)
+    sid = f"raysel-test-{secrets.token_hex(4)}"
+    submit = ray_job(
+        env, "submit", "--address", url, "--submission-id", sid, "--working-dir", str(wd), "--",
+        "raysel", "run", "run.yaml",
+    )  # fmt: skip
+    assert submit.returncode != 0
+    status = ray_job(env, "status", "--address", url, sid)
+    assert "FAILED" in status.stdout + status.stderr
+    logs = ray_job(env, "logs", "--address", url, sid).stdout
+    assert "select.policy: unknown policy 'no-such-policy'" in logs
+    assert not (tmp_path / "out").exists()
