@@ -12,11 +12,11 @@ from raysel.scorers import SCORERS, register_scorer  # noqa: E402
 from raysel.select import POLICIES, register_policy  # noqa: E402
 
 
-def run(config: RunConfig, *, overwrite: bool = False):
-    """Run one selection end to end (see raysel.pipeline)."""
+def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False):
+    """Run one selection end to end (see raysel.pipeline.run)."""
     from raysel.pipeline import run as _run
 
-    return _run(config, overwrite=overwrite)
+    return _run(config, overwrite=overwrite, resume=resume)
 
 
 __all__ = [

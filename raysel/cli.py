@@ -39,6 +39,9 @@ def run(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an output folder that already holds a committed run.")
     ] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run into the same output; work already done is reused.")
+    ] = False,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")
     ] = None,
@@ -62,7 +65,7 @@ def run(
         cfg = load_config(config, set_ or [])
         if address:
             cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": address})})
-        _run_and_report(cfg, overwrite)
+        _run_and_report(cfg, overwrite=overwrite, resume=resume)
     except RayselError as err:
         _fail(err)
 
@@ -182,16 +185,19 @@ def eval_(
     typer.secho(f"results: {result.output}/results.md", fg=typer.colors.GREEN, bold=True)
 
 
-def _run_and_report(cfg, overwrite: bool) -> None:
+def _run_and_report(cfg, overwrite: bool, resume: bool = False) -> None:
     from raysel.pipeline import run as run_pipeline
     from raysel.report import write_report
 
-    result = run_pipeline(cfg, overwrite=overwrite)
+    result = run_pipeline(cfg, overwrite=overwrite, resume=resume)
     m = result.manifest
     typer.echo("")
     typer.secho(f"committed: {result.output}", fg=typer.colors.GREEN, bold=True)
     rows = [("rows read", m["input"]["rows"])] + [(k, v) for k, v in m["counts"].items()]
-    rows += [("clusters", m["clusters"]["k"]), ("scores reused", m["reuse"]["scores"]["reused"])]
+    scores = m["reuse"]["scores"]
+    rows += [("clusters", m["clusters"]["k"]), ("scores reused", scores["reused"])]
+    if scores.get("resumed_rows"):
+        rows += [("rows resumed", scores["resumed_rows"])]
     rows += [(f"seconds: {k}", v) for k, v in m["seconds"].items()]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

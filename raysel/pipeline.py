@@ -59,17 +59,24 @@ def _timed(timings: dict[str, float], name: str):
     timings[name] = round(time.perf_counter() - start, 3)
 
 
-def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
-    """Run one selection end to end and commit its output. Raises RayselError subclasses on bad input."""
+def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False) -> RunResult:
+    """Run one selection end to end and commit its output. Raises RayselError subclasses on bad input.
+
+    Args:
+        config: the run.
+        overwrite: replace a committed or interrupted run in the output folder.
+        resume: continue an interrupted run in the output folder (same config); the work it committed to
+            the work dir (scored shards, bandit rounds) is reused, not recomputed.
+    """
     timings: dict[str, float] = {}
-    sink = OutputSink(config.output.path, overwrite=overwrite or config.output.overwrite)
-    sink.prepare()
+    sink = OutputSink(config.output.path, overwrite=overwrite or config.output.overwrite, resume=resume)
+    sink.prepare(config_digest(config))
     files = list_input(config.input)
     check_input(files, config.input)
     init_ray(config.ray.address)
 
     with _timed(timings, "score"):
-        scores_uri, score_key, scores_reused = score_pass(config, files)
+        scores_uri, score_key, score_info = score_pass(config, files)
         scores_uri = rescore_pass(config, files, scores_uri, score_key)
     with _timed(timings, "cluster"):
         centroids, clusters_reused = cluster_pass(config, scores_uri, score_key)
@@ -82,7 +89,7 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
         written = write_selected(config, files, table, sink)
     counts = dict(Counter(table.column("status").to_pylist()))
     reuse = {
-        "scores": {"key": score_key, "reused": scores_reused, "uri": scores_uri},
+        "scores": {"key": score_key, "uri": scores_uri, **score_info},
         "clusters": {"reused": clusters_reused},
     }
     manifest = _manifest(config, files, table, counts, timings, selection_info, written, centroids, reuse)
@@ -91,6 +98,12 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
 
 
 # --- pass 1: score -------------------------------------------------------------------------------------------
+
+
+def config_digest(config: RunConfig) -> str:
+    """What a resumed run must share with the run it continues."""
+    data = config.model_dump(mode="json", exclude={"output": {"overwrite"}, "ray": True})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def score_key(config: RunConfig, files: list[InputFile]) -> str:
@@ -131,29 +144,57 @@ def scorer_stages(scorers: list[ScorerConfig], inputs: str) -> list[tuple[type, 
     return [(cls, group[0], tuple(s.name for s in group)) for (cls, _), group in groups.items()]
 
 
-def score_pass(config: RunConfig, files: list[InputFile]) -> tuple[str, str, bool]:
-    """Pass 1. Returns (scores folder, reuse key, whether it was reused)."""
+def score_pass(config: RunConfig, files: list[InputFile]) -> tuple[str, str, dict[str, Any]]:
+    """Pass 1. Returns (scores folder, reuse key, {reused, resumed_rows, scored_rows}).
+
+    Shards are committed one by one as Ray writes them; a pass that was interrupted is resumed at the
+    row: rows already in readable shards are skipped by the reader, half-written shards are discarded.
+    """
     import ray
 
     key = score_key(config, files)
     base = rfs.join(config.resolved_work_dir(), key)
     scores_uri = rfs.join(base, "scores")
     if rfs.exists(rfs.join(base, "_SUCCESS")):
-        return scores_uri, key, True
-    rfs.delete_dir(scores_uri)  # an earlier run died before committing: its shards are not trusted
+        return scores_uri, key, {"reused": True, "resumed_rows": 0, "scored_rows": 0}
+    done, resumed = completed_rows(scores_uri)
 
     stages = scorer_stages(config.scorers, "text")
     cpus = fit_cpus([config.embed] + [cfg for _, cfg, _ in stages], ray.cluster_resources().get("CPU", 1.0))
     ds = ray.data.from_items([{"uri": f.uri, "rel": f.rel} for f in files], override_num_blocks=len(files))
-    ds = ds.map_batches(_read_files, fn_kwargs={"config": config.input}, batch_size=1, num_cpus=IO_TASK_CPUS)
+    ds = ds.map_batches(
+        _read_files, fn_kwargs={"config": config.input, "skip_rows": done}, batch_size=1, num_cpus=IO_TASK_CPUS
+    )
     ds = map_stage(ds, Embedder, config.embed, cpus[0], config=config.embed)
     for (cls, cfg, outputs), stage_cpus in zip(stages, cpus[1:], strict=True):
         ds = map_stage(ds, cls, cfg, stage_cpus, config=cfg, outputs=outputs)
     fs, path = rfs.resolve(scores_uri)
     ds.drop_columns(["text"]).write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+    _, total = completed_rows(scores_uri)
     rfs.write_text(rfs.join(base, "meta.json"), json.dumps({"key": key, "config": config.model_dump()}, indent=2))
     rfs.write_text(rfs.join(base, "_SUCCESS"), "")
-    return scores_uri, key, False
+    return scores_uri, key, {"reused": False, "resumed_rows": resumed, "scored_rows": total - resumed}
+
+
+def completed_rows(scores_uri: str) -> tuple[dict[str, np.ndarray], int]:
+    """({source file: rows} already in readable shards, their count); deletes shards cut off mid-write."""
+    import pyarrow.parquet as pq
+
+    fs, path = rfs.resolve(scores_uri)
+    found: dict[str, list[np.ndarray]] = {}
+    total = 0
+    for info in fs.get_file_info(pa.fs.FileSelector(path, allow_not_found=True)):
+        if not info.path.endswith(".parquet"):
+            continue
+        try:
+            table = pq.read_table(fs.open_input_file(info.path), columns=["source", "row"])
+        except (OSError, pa.ArrowException):
+            fs.delete_file(info.path)  # a shard the interrupted run did not finish writing
+            continue
+        total += table.num_rows
+        for part in table.group_by("source").aggregate([("row", "list")]).to_pylist():
+            found.setdefault(part["source"], []).append(np.asarray(part["row_list"], dtype=np.int64))
+    return {src: np.unique(np.concatenate(parts)) for src, parts in found.items()}, total
 
 
 def rescore_pass(config: RunConfig, files: list[InputFile], scores_uri: str, key: str) -> str:
@@ -185,8 +226,9 @@ def rescore_pass(config: RunConfig, files: list[InputFile], scores_uri: str, key
     return out_uri
 
 
-def _read_files(batch: dict[str, np.ndarray], config: Any):
-    yield from CorpusReader(config)(batch)
+def _read_files(batch: dict[str, np.ndarray], config: Any, skip_rows: dict | None = None):
+    skip = {rel: skip_rows[rel] for rel in batch["rel"] if rel in skip_rows} if skip_rows else None
+    yield from CorpusReader(config, skip_rows=skip)(batch)
 
 
 # --- pass 2: cluster -----------------------------------------------------------------------------------------
@@ -275,14 +317,25 @@ def select_pass(
         extra={"context": context, "labels": _column(table, "label", usable)},
     )
     budget = budget_rows(config.select.budget, len(candidates))
+    dropped, dedup_info = np.zeros(0, dtype=np.int64), {}
+    if config.select.semdedup is not None:  # near-duplicates leave before the policy sees the rows
+        from raysel.semdedup import drop_near_duplicates
+
+        dedup = drop_near_duplicates(candidates, context, config.select)
+        candidates, dropped, usable, dedup_info = dedup.candidates, usable[~dedup.keep], usable[dedup.keep], dedup.info
+        reasons[dropped] = dedup.reasons[~dedup.keep]
+        budget = min(budget, len(candidates))
     policy = POLICIES[config.select.policy](config.select)
     selection = policy.select(candidates, budget)
     status = np.full(table.num_rows, "quarantined", dtype=object)
     status[usable] = np.where(selection.selected, "selected", "rejected")
+    status[dropped] = "rejected"
     reasons[usable] = selection.reasons
     table = table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reasons, type=pa.string()))
     table = table.add_column(1, "status", pa.array(status, type=pa.string()))
     info = {"policy": config.select.policy, "budget_rows": budget, "usable_rows": len(candidates), **selection.info}
+    if dedup_info:
+        info["semdedup"] = dedup_info
     return table, info
 
 
@@ -299,7 +352,7 @@ def write_selected(config: RunConfig, files: list[InputFile], table: pa.Table, s
 
     chosen = table.filter(pa.compute.equal(table.column("status"), "selected"))
     if chosen.num_rows == 0:
-        return 0
+        return sink.write_selected(None, expected_rows=0)
     attach_cols = ["source", "row", "id", "cluster", *config.score_columns]
     attach = chosen.select(attach_cols).rename_columns(["__source", "__row", *attach_cols[2:]])
     keep_rows: dict[str, list[int]] = {}

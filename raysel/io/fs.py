@@ -76,3 +76,17 @@ def list_files(uri: str, suffixes: tuple[str, ...]) -> list[tuple[str, str, int,
         if i.type == pafs.FileType.File and i.base_name.endswith(suffixes) and not i.base_name.startswith((".", "_"))
     ]
     return sorted(files)
+
+
+def move_dir(src: str, dst: str) -> None:
+    """A rename on a local disk; on S3 (no renames) a copy of each object, then a delete."""
+    fs, src_path = resolve(src)
+    _, dst_path = resolve(dst)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(posixpath.dirname(dst_path), recursive=True)
+        fs.move(src_path, dst_path)
+        return
+    for info in fs.get_file_info(pafs.FileSelector(src_path, recursive=True)):
+        if info.type == pafs.FileType.File:
+            fs.copy_file(info.path, dst_path + info.path[len(src_path) :])
+    fs.delete_dir(src_path)

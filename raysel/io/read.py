@@ -2,8 +2,9 @@
 
 A corpus is a list of files (JSONL or Parquet, local or s3://). `CorpusReader` turns a batch of
 file descriptors into row batches and is Ray-agnostic: the pipeline runs it in a `map_batches`
-over the file list (one task per file, streaming: it yields a batch every `rows_per_batch` rows),
-and tests call it on plain dicts.
+over the file list (one task per file, streaming: it yields a batch every `rows_per_batch` rows,
+small enough that the actor stages downstream stream and show progress block by block), and
+tests call it on plain dicts.
 
 Every row that comes out has these columns:
     id          the `id_field` value as a string, else sha1(relative file path : row number)[:16]
@@ -94,6 +95,9 @@ def stable_id(rel: str, row: int) -> str:
 class CorpusReader:
     """Reads files into row batches (see the module docstring for the columns).
 
+    With `skip_rows` ({relative file: row numbers}), those rows are not emitted: a resumed pass 1
+    skips the rows an interrupted run already scored.
+
     With `keep_rows` ({relative file: row numbers}), yields instead the full original records of
     just those rows as Arrow tables, plus `__source` and `__row`: that is how the selected subset is
     joined back to the input (all columns, original types), exactly, even where ids repeat.
@@ -104,10 +108,16 @@ class CorpusReader:
     """
 
     def __init__(
-        self, config: InputConfig, *, rows_per_batch: int = 4096, keep_rows: dict[str, Any] | None = None
+        self,
+        config: InputConfig,
+        *,
+        rows_per_batch: int = 512,
+        keep_rows: dict[str, Any] | None = None,
+        skip_rows: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.rows_per_batch = rows_per_batch
+        self.skip_rows = {k: frozenset(int(r) for r in v) for k, v in (skip_rows or {}).items()}
         self.keep_rows = None if keep_rows is None else {k: frozenset(int(r) for r in v) for k, v in keep_rows.items()}
 
     def __call__(self, files: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray] | pa.Table]:
@@ -121,15 +131,17 @@ class CorpusReader:
     def _jsonl(self, uri: str, rel: str) -> Iterator[dict[str, np.ndarray] | pa.Table]:
         rows: list[tuple] = []
         records: list[dict] = []
+        skip = self.skip_rows.get(rel, frozenset())
         fs, path = rfs.resolve(uri)
         try:
             stream = fs.open_input_stream(path)
         except OSError as err:
-            yield self._rows([(stable_id(rel, -1), "", None, rel, -1, f"unreadable file: {err}", False)])
+            if -1 not in skip:
+                yield self._rows([(stable_id(rel, -1), "", None, rel, -1, f"unreadable file: {err}", False)])
             return
         with stream:
             for row, raw in enumerate(_lines(stream)):
-                if not raw.strip():
+                if not raw.strip() or row in skip:
                     continue  # a blank line is no record
                 if self.keep_rows is not None:
                     if row in self.keep_rows.get(rel, ()):
@@ -167,11 +179,14 @@ class CorpusReader:
                             "__row", pa.array(rows_here[keep])
                         )
                 else:
+                    skip = self.skip_rows.get(rel, frozenset())
                     records = batch.to_pylist()
-                    yield self._rows([self._row(r, "", rel, row + i) for i, r in enumerate(records)])
+                    rows = [self._row(r, "", rel, row + i) for i, r in enumerate(records) if row + i not in skip]
+                    if rows:
+                        yield self._rows(rows)
                 row += batch.num_rows
         except (OSError, pa.ArrowException) as err:
-            if self.keep_rows is None:
+            if self.keep_rows is None and -1 not in self.skip_rows.get(rel, frozenset()):
                 reason = f"unreadable parquet file after {row} rows: {err}"
                 yield self._rows([(stable_id(rel, -1), "", None, rel, -1, reason, False)])
 

@@ -5,51 +5,90 @@
     OUT/manifest.json             resolved config, counts per status, versions, seconds per pass
     OUT/_SUCCESS                  written last: a folder without it holds no result
 
-The sink refuses to write into a committed output unless told to overwrite, and it checks that
-the rows it wrote are the rows it was asked to write before it commits.
+While a run works, its files go under OUT/_staging-<run id>/ and OUT/_run.json says which run
+owns the folder and with what config. The commit moves the staged folders into place, then writes
+manifest.json, then _SUCCESS. So a reader never sees a half-written result, and a folder is in one
+of three states: empty, interrupted (_run.json, no _SUCCESS) or committed (_SUCCESS).
+
+raysel only ever deletes what it owns there: ledger/, selected/, manifest.json, _SUCCESS,
+_run.json and _staging-*/.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysel.errors import SinkError
 from raysel.io import fs as rfs
 
 LEDGER_ROWS_PER_FILE = 1_000_000
+_OWNED_FILES = ("_SUCCESS", "manifest.json", "_run.json")
+_OWNED_DIRS = ("ledger", "selected")
 
 
 def is_committed(uri: str) -> bool:
+    """True when `uri` holds a complete run (its _SUCCESS exists)."""
     return rfs.exists(rfs.join(uri, "_SUCCESS"))
 
 
 class OutputSink:
-    def __init__(self, uri: str, *, overwrite: bool = False) -> None:
+    """Stages a run's output and commits it atomically (see the module docstring).
+
+    Args:
+        uri: the output folder, local or s3://.
+        overwrite: replace a committed (or interrupted) run in that folder.
+        resume: continue an interrupted run in that folder (its config must be the same).
+    """
+
+    def __init__(self, uri: str, *, overwrite: bool = False, resume: bool = False) -> None:
         self.uri = uri
         self.overwrite = overwrite
+        self.resume = resume
+        self.run_id = uuid.uuid4().hex[:12]
+        self.staging = rfs.join(uri, f"_staging-{self.run_id}")
 
-    def prepare(self) -> None:
-        """Refuse a committed output (unless overwriting); clear what an uncommitted one left behind."""
-        if is_committed(self.uri) and not self.overwrite:
-            raise SinkError(
-                f"{self.uri} already holds a committed run (_SUCCESS exists); pass --overwrite to replace it, "
-                "or choose another output.path"
-            )
+    def prepare(self, config_digest: str) -> None:
+        """Check the folder's state against --overwrite / --resume and claim it for this run."""
+        run_file = rfs.join(self.uri, "_run.json")
+        if is_committed(self.uri):
+            if not self.overwrite:
+                raise SinkError(
+                    f"{self.uri} already holds a committed run (_SUCCESS exists); pass --overwrite to replace it, "
+                    "or choose another output.path"
+                )
+            self._clear()
+        elif rfs.exists(run_file):
+            previous = json.loads(rfs.read_text(run_file))
+            if self.resume and previous.get("config") != config_digest:
+                raise SinkError(
+                    f"{self.uri} holds an interrupted run with a different config; --overwrite to start over"
+                )
+            if not (self.resume or self.overwrite):
+                raise SinkError(
+                    f"{self.uri} holds an interrupted run (no _SUCCESS); pass --resume to continue it "
+                    "(scores already computed are reused) or --overwrite to start over"
+                )
+            self._clear()
+        rfs.write_text(run_file, json.dumps({"run_id": self.run_id, "config": config_digest}))
+
+    def _clear(self) -> None:
         fs, path = rfs.resolve(self.uri)
-        for name in ("_SUCCESS", "manifest.json"):
-            target = rfs.join(path, name)
-            if rfs.exists(rfs.join(self.uri, name)):
-                fs.delete_file(target)
-        for name in ("ledger", "selected"):
-            rfs.delete_dir(rfs.join(self.uri, name))
-        fs.create_dir(path, recursive=True)
+        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+            if info.type == pafs.FileType.Directory and (
+                info.base_name in _OWNED_DIRS or info.base_name.startswith("_staging-")
+            ):
+                fs.delete_dir(info.path)
+            elif info.type == pafs.FileType.File and info.base_name in _OWNED_FILES:
+                fs.delete_file(info.path)
 
     def write_ledger(self, table: pa.Table) -> None:
-        fs, path = rfs.resolve(rfs.join(self.uri, "ledger"))
+        fs, path = rfs.resolve(rfs.join(self.staging, "ledger"))
         fs.create_dir(path, recursive=True)
         for part, start in enumerate(range(0, max(table.num_rows, 1), LEDGER_ROWS_PER_FILE)):
             with fs.open_output_stream(f"{path}/part-{part:05d}.parquet") as out:
@@ -57,11 +96,13 @@ class OutputSink:
 
     def write_selected(self, ds: Any, *, expected_rows: int) -> int:
         """Write a Ray dataset of selected rows; verify the row count from the files' footers."""
-        fs, path = rfs.resolve(rfs.join(self.uri, "selected"))
-        ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": 0.25})
+        fs, path = rfs.resolve(rfs.join(self.staging, "selected"))
+        fs.create_dir(path, recursive=True)
+        if ds is not None:
+            ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": 0.25})
         written = sum(
             pq.ParquetFile(fs.open_input_file(info.path)).metadata.num_rows
-            for info in fs.get_file_info(pa.fs.FileSelector(path))
+            for info in fs.get_file_info(pafs.FileSelector(path))
             if info.path.endswith(".parquet")
         )
         if written != expected_rows:
@@ -69,6 +110,12 @@ class OutputSink:
         return written
 
     def commit(self, manifest: dict[str, Any]) -> None:
-        """manifest.json, then _SUCCESS: a reader that sees _SUCCESS sees a complete output."""
+        """Move the staged folders into place, then manifest.json, then _SUCCESS."""
+        for name in _OWNED_DIRS:
+            rfs.delete_dir(rfs.join(self.uri, name))
+            rfs.move_dir(rfs.join(self.staging, name), rfs.join(self.uri, name))
+        rfs.delete_dir(self.staging)
         rfs.write_text(rfs.join(self.uri, "manifest.json"), json.dumps(manifest, indent=2, default=str))
         rfs.write_text(rfs.join(self.uri, "_SUCCESS"), "")
+        fs, path = rfs.resolve(rfs.join(self.uri, "_run.json"))
+        fs.delete_file(path)
