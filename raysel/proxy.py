@@ -107,12 +107,30 @@ def example_loss(params: dict[str, Any], x: Any, y: Any) -> Any:
     """Cross-entropy of one row x [D] with class index y (a 0-dim long tensor): the loss TracIn differentiates."""
     import torch
 
-    return -torch.log_softmax(logits(params, x), dim=-1)[y]
+    # gather, not [y]: indexing by a tensor is data-dependent control flow that vmap cannot batch.
+    return -torch.log_softmax(logits(params, x), dim=-1).gather(-1, y.reshape(1)).squeeze(-1)
 
 
 def true_logit(params: dict[str, Any], x: Any, y: Any) -> Any:
-    """The logit of class y for one row x [D]: the quantity VoG differentiates with respect to x."""
-    return logits(params, x)[y]
+    """The logit of class y for one row x [D]: the quantity VoG differentiates with respect to x (the paper's)."""
+    return logits(params, x).gather(-1, y.reshape(1)).squeeze(-1)
+
+
+def true_log_prob(params: dict[str, Any], x: Any, y: Any) -> Any:
+    """log softmax(f(x))_y for one row: VoG's `of: log_prob` variant (minus the loss)."""
+    import torch
+
+    return torch.log_softmax(logits(params, x), dim=-1).gather(-1, y.reshape(1)).squeeze(-1)
+
+
+def true_prob(params: dict[str, Any], x: Any, y: Any) -> Any:
+    """softmax(f(x))_y for one row: VoG's `of: prob` variant."""
+    import torch
+
+    return torch.softmax(logits(params, x), dim=-1).gather(-1, y.reshape(1)).squeeze(-1)
+
+
+TRUE_CLASS_OUTPUTS = {"logit": true_logit, "log_prob": true_log_prob, "prob": true_prob}
 
 
 # --- a training run ------------------------------------------------------------------------------------------
@@ -144,7 +162,9 @@ class ProxyRun:
         """Checkpoint k (default: the last) as torch tensors."""
         import torch
 
-        return {n: torch.as_tensor(v, device=device, dtype=dtype or torch.float32) for n, v in self.checkpoints[k].items()}
+        return {
+            n: torch.as_tensor(v, device=device, dtype=dtype or torch.float32) for n, v in self.checkpoints[k].items()
+        }
 
     def to_bytes(self) -> bytes:
         arrays = {f"ckpt{k}/{n}": v for k, ck in enumerate(self.checkpoints) for n, v in ck.items()}

@@ -35,6 +35,7 @@ def register_scorer(*names: str) -> Callable[[type], type]:
     return wrap
 
 
-from raysel.scorers import lm  # noqa: E402,F401  (registers entropy, loss)
+# lm registers entropy, loss, el2n_lm; the others are the proxy-based scorers.
+from raysel.scorers import classifier_entropy, el2n, influence, lm, vog  # noqa: E402,F401
 
 __all__ = ["SCORERS", "register_scorer"]

@@ -10,7 +10,7 @@ High EL2N: the model cannot fit the label (hard, atypical, or mislabelled); low:
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from raysel.config import ScorerConfig
 from raysel.models import pick_device, set_threads
@@ -44,22 +44,33 @@ class EL2NScorer:
     class Params(BaseModel):
         model_config = ConfigDict(frozen=True, extra="forbid")
 
+        proxy: ProxySettings = ProxySettings()
         replicates: int = Field(5, ge=1, description="independent proxy runs averaged (the paper averages 5-10)")
         epoch: int = Field(2, ge=1, description="score with the checkpoint after this many epochs (early training)")
-        proxy: ProxySettings = ProxySettings()
 
-        @model_validator(mode="after")
-        def _epoch_exists(self):
-            if self.epoch > self.proxy.epochs:
-                raise ValueError(f"epoch {self.epoch} is after the last one: proxy.epochs is {self.proxy.epochs}")
-            return self
+        @field_validator("epoch")
+        @classmethod
+        def _epoch_exists(cls, epoch: int, info: ValidationInfo) -> int:
+            proxy = info.data.get("proxy")
+            if proxy is not None and epoch > proxy.epochs:
+                raise ValueError(f"epoch {epoch} is after the last one: proxy.epochs is {proxy.epochs}")
+            return epoch
 
     @classmethod
     def prepare(cls, config: ScorerConfig, context) -> dict:
         """Train (or load) the proxy's replicates and hand each actor the checkpoint it scores with."""
         params = config.typed_params()
         require_labels(context, config.name)
-        runs = proxy_runs(context, params.proxy, params.replicates)
+        return cls.prepared_from(proxy_runs(context, params.proxy, params.replicates), params)
+
+    @staticmethod
+    def prepared_from(runs: list, params: EL2NScorer.Params) -> dict:
+        """What actors need, from trained proxy runs (one per replicate).
+
+        Args:
+            runs: ProxyRun replicates (raysel.proxy.train_proxy).
+            params: the scorer's settings (`epoch` picks the checkpoint).
+        """
         return {
             "labels": runs[0].labels,
             "replicates": [run.checkpoints[params.epoch - 1] for run in runs],
