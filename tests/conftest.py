@@ -32,9 +32,30 @@ def _isolated_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on loopback, with the bucket `raysel-test`. Its endpoint and credentials
+    are exported as the standard AWS_* variables, before the Ray cluster starts, so that every Ray worker
+    and every `raysel` subprocess reaches it as a user's would."""
+    from tests.s3_server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("s3"))
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
     """One local Ray cluster for every test that needs one; its address is exported as RAY_ADDRESS so that
-    `raysel` subprocesses join it instead of starting their own."""
+    `raysel` subprocesses join it instead of starting their own. Started after the S3 server, so its
+    workers see the S3 endpoint and credentials."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)

@@ -1,14 +1,49 @@
-"""Filesystems through pyarrow.fs: a local path or an s3:// URI, resolved in one place."""
+"""Filesystems through pyarrow.fs: a local path or an s3:// URI, resolved in one place.
+
+Credentials come from the standard AWS environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+AWS_PROFILE / instance roles) and are never logged; AWS_ENDPOINT_URL points at any S3-compatible
+server. Every Ray worker that reads or writes s3:// needs the same environment. Small reads and
+writes here are retried with backoff on transient errors (an object store that refuses for a few
+seconds); pyarrow's own S3 retry strategy covers the requests inside each call.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import functools
+import logging
 import os
 import posixpath
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import pyarrow.fs as pafs
 
 from raysel.errors import InputError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRY_DELAYS = (0.5, 1, 2, 4, 8)  # ~15 s in all: rides out a restarting object store
+
+
+def retried(fn: Callable[..., T]) -> Callable[..., T]:
+    """Retry an object-store call on OSError with exponential backoff; local paths fail at once."""
+
+    @functools.wraps(fn)
+    def wrapper(uri: str, *args, **kwargs) -> T:
+        delays = RETRY_DELAYS if uri.startswith("s3://") else ()
+        for delay in delays:
+            try:
+                return fn(uri, *args, **kwargs)
+            except (FileNotFoundError, InputError):
+                raise
+            except OSError as err:
+                log.warning("%s(%s) failed (%s); retrying in %ss", fn.__name__, uri, err, delay)
+                time.sleep(delay)
+        return fn(uri, *args, **kwargs)
+
+    return wrapper
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -28,17 +63,20 @@ def join(base: str, *parts: str) -> str:
     return base.rstrip("/") + "/" + "/".join(parts) if base.startswith("s3://") else os.path.join(base, *parts)
 
 
+@retried
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+@retried
 def read_text(uri: str) -> str:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read().decode()
 
 
+@retried
 def write_text(uri: str, text: str) -> None:
     fs, path = resolve(uri)
     fs.create_dir(posixpath.dirname(path), recursive=True)
@@ -46,12 +84,14 @@ def write_text(uri: str, text: str) -> None:
         f.write(text.encode())
 
 
+@retried
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
 
 
+@retried
 def list_files(uri: str, suffixes: tuple[str, ...]) -> list[tuple[str, str, int, int]]:
     """Files under a file, folder or glob: (uri, path relative to the input root, size, mtime_ns), sorted.
 
@@ -78,6 +118,7 @@ def list_files(uri: str, suffixes: tuple[str, ...]) -> list[tuple[str, str, int,
     return sorted(files)
 
 
+@retried
 def move_dir(src: str, dst: str) -> None:
     """A rename on a local disk; on S3 (no renames) a copy of each object, then a delete."""
     fs, src_path = resolve(src)

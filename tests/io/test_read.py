@@ -11,7 +11,9 @@ from raysel.io.read import CorpusReader, check_input, list_input, stable_id
 
 
 def _read(cfg, rel, uri, **kw):
-    batches = list(CorpusReader(cfg, **kw)({"uri": np.array([uri], dtype=object), "rel": np.array([rel], dtype=object)}))
+    batches = list(
+        CorpusReader(cfg, **kw)({"uri": np.array([uri], dtype=object), "rel": np.array([rel], dtype=object)})
+    )
     if batches and isinstance(batches[0], pa.Table):
         return pa.concat_tables(batches).to_pylist()
     return {k: np.concatenate([b[k] for b in batches]).tolist() for k in batches[0]}
@@ -82,8 +84,13 @@ def test_keep_rows_returns_the_original_records(tmp_path):
     records = _read(InputConfig(path=str(path)), "c.jsonl", str(path), keep_rows={"c.jsonl": [2, 7]})
     assert [(r["n"], r["__row"], r["nested"]) for r in records] == [(2, 2, {"a": 2}), (7, 7, {"a": 7})]
     pq.write_table(pa.table({"text": [f"t{i}" for i in range(10)], "n": list(range(10))}), tmp_path / "c.parquet")
-    records = _read(InputConfig(path=str(tmp_path)), "c.parquet", str(tmp_path / "c.parquet"),
-                    keep_rows={"c.parquet": [0, 9]}, rows_per_batch=4)
+    records = _read(
+        InputConfig(path=str(tmp_path)),
+        "c.parquet",
+        str(tmp_path / "c.parquet"),
+        keep_rows={"c.parquet": [0, 9]},
+        rows_per_batch=4,
+    )
     assert [(r["n"], r["__row"], r["__source"]) for r in records] == [(0, 0, "c.parquet"), (9, 9, "c.parquet")]
 
 
