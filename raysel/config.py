@@ -119,6 +119,13 @@ class ClusterConfig(_Frozen):
     seed: int = 0
 
 
+class SemDedupConfig(_Frozen):
+    """`select.semdedup`: before the policy, drop rows whose cosine to a better-scored row of their cluster exceeds
+    `threshold` (raysel/semdedup.py)."""
+
+    threshold: float = Field(0.95, gt=-1, le=1, description="cosine above which a row is a near-duplicate")
+
+
 class SelectConfig(_Frozen):
     budget: float | int = Field(
         description="a fraction of the usable rows in (0, 1], or a row count >= 1 (write 1.0 for all rows)"
@@ -129,6 +136,7 @@ class SelectConfig(_Frozen):
     threshold: float | None = Field(None, description="`threshold` policy: keep rows whose score passes this")
     seed: int = 0
     params: dict[str, Any] = Field(default_factory=dict, description="policy-specific settings (its `Params`)")
+    semdedup: SemDedupConfig | None = Field(None, description="drop near-duplicates inside clusters first")
 
     @field_validator("budget")
     @classmethod

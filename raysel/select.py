@@ -189,3 +189,7 @@ class StratifiedPolicy(Policy):
             self.config.score,
             self.config.order,
         )
+
+
+# The policies that live in their own modules register themselves on import (they import from this module).
+from raysel import bandit, hard_easy, mig  # noqa: E402,F401

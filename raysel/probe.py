@@ -1,0 +1,323 @@
+"""Scoring a chosen handful of rows with any registered scorer, and reading scored-shard rows by id.
+
+The bandit policy asks, round after round, for the expensive score of a few hundred rows it names
+by candidate index. `Probe` answers: it reads those rows from the run's scored shards
+(`context.scores_uri`: id, reason, source, row, embedding, label, the cheap scores), joins their
+texts back from the input for scorers that read text (`raysel.io.read.CorpusReader(keep_rows=...)`,
+as the pipeline's `write_selected` does), and runs the scorer in a pool of Ray actors that lives as
+long as the probe, so a model loads once per actor, not once per round. A scorer with a `prepare`
+classmethod (e.g. influence: the target set's gradient) has it run once, on the driver, first. Only
+the rows asked for are scored: `rows_scored` counts them.
+
+`ShardIndex` maps candidate ids to (shard file, row in file) once, keeping the first occurrence of a
+repeated id by (source, row), as the pipeline's duplicate quarantine does; reads then touch only the
+row groups that hold the wanted rows. `cluster_geometry` streams the embeddings once to give the
+policies the cluster centroids (mean member embedding, re-normalized) and each row's cosine to its
+centroid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raysel.config import InputConfig, ScorerConfig
+from raysel.errors import InputError
+from raysel.io import fs as rfs
+
+# Below this many embedding floats the geometry keeps the embeddings in memory instead of reading them twice.
+_KEEP_FLOATS = 1 << 26
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """An embedding column (Ray's tensor extension type, or a plain list column) as a float32 [rows, dim] array."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(arr, pa.ExtensionArray):
+        arr = arr.storage
+    if len(arr) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(arr), -1)
+
+
+@dataclass
+class _Shard:
+    path: str
+    row_groups: np.ndarray  # first row of each row group, and the file's row count last
+
+
+class ShardIndex:
+    """Where each candidate's row lives in the scored shards.
+
+    Attributes:
+        shard: per candidate, the index of its shard file.
+        file_row: per candidate, its row number inside that file.
+        source, row: per candidate, its input file and row (to join texts back).
+
+    Example:
+        >>> index = ShardIndex.build(context.scores_uri, candidates.ids)     # doctest: +SKIP
+        >>> index.read(np.array([0, 5]), columns=["id", "loss"])             # a table in that order
+    """
+
+    def __init__(self, fs: Any, shards: list[_Shard], shard: np.ndarray, file_row: np.ndarray, source, row) -> None:
+        self.fs = fs
+        self.shards = shards
+        self.shard = shard
+        self.file_row = file_row
+        self.source = source
+        self.row = row
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    @classmethod
+    def build(cls, scores_uri: str, ids: np.ndarray) -> ShardIndex:
+        """Index the usable rows of the shards under `scores_uri` whose id is in `ids` (one read of 4 small columns).
+
+        Raises:
+            InputError: when a candidate id is not in the shards (the shards and the candidates disagree).
+        """
+        import pandas as pd
+        import pyarrow.fs as pafs
+        import pyarrow.parquet as pq
+
+        fs, root = rfs.resolve(scores_uri)
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+        lookup = pd.Index(np.asarray(ids, dtype=object))
+        shards, parts = [], []
+        for number, path in enumerate(paths):
+            pf = pq.ParquetFile(fs.open_input_file(path))
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            shards.append(_Shard(path, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)))
+            t = pf.read(columns=["id", "reason", "source", "row"])
+            usable = np.flatnonzero(t.column("reason").to_numpy(zero_copy_only=False) == "")
+            cand = lookup.get_indexer(t.column("id").to_numpy(zero_copy_only=False)[usable])
+            hit = cand >= 0
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "cand": cand[hit],
+                        "shard": number,
+                        "file_row": usable[hit],
+                        "source": t.column("source").to_numpy(zero_copy_only=False)[usable[hit]],
+                        "row": t.column("row").to_numpy()[usable[hit]],
+                    }
+                )
+            )
+        frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["cand"])
+        frame = frame.sort_values(["cand", "source", "row"], kind="stable").drop_duplicates("cand", keep="first")
+        if len(frame) != len(ids):
+            missing = np.setdiff1d(np.arange(len(ids)), frame["cand"].to_numpy())
+            raise InputError(
+                f"{len(missing)} candidate ids (e.g. {ids[missing[0]]!r}) are not among the usable rows of the scored "
+                f"shards at {scores_uri}; the shards changed under the run: rerun it"
+            )
+        return cls(
+            fs,
+            shards,
+            frame["shard"].to_numpy(np.int64),
+            frame["file_row"].to_numpy(np.int64),
+            frame["source"].to_numpy(object),
+            frame["row"].to_numpy(np.int64),
+        )
+
+    def read(self, idx: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        """The shard rows of candidates `idx` (all columns by default), in the order of `idx`; reads only the
+        row groups that hold them."""
+        import pyarrow.parquet as pq
+
+        idx = np.asarray(idx, dtype=np.int64)
+        tables, where = [], []
+        for s in np.unique(self.shard[idx]):
+            mine = np.flatnonzero(self.shard[idx] == s)
+            rows = self.file_row[idx[mine]]
+            starts = self.shards[s].row_groups
+            groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
+            pf = pq.ParquetFile(self.fs.open_input_file(self.shards[s].path))
+            table = pf.read_row_groups(groups.tolist(), columns=columns)
+            # rows inside the concatenation of the groups read
+            offset = np.concatenate([[0], np.cumsum(starts[groups + 1] - starts[groups])])
+            local = offset[np.searchsorted(groups, np.searchsorted(starts, rows, side="right") - 1)]
+            local = local + rows - starts[np.searchsorted(starts, rows, side="right") - 1]
+            tables.append(table.take(pa.array(local)))
+            where.append(mine)
+        if not tables:
+            return pa.table({})
+        table = pa.concat_tables(tables, promote_options="default")
+        inverse = np.empty(len(idx), dtype=np.int64)
+        inverse[np.concatenate(where)] = np.arange(len(idx))
+        return table.take(pa.array(inverse))
+
+    def stream(self, columns: list[str]) -> Iterator[tuple[np.ndarray, pa.Table]]:
+        """(candidate indices, their rows' `columns`) per shard file, every candidate once."""
+        import pyarrow.parquet as pq
+
+        order = np.lexsort((self.file_row, self.shard))
+        bounds = np.searchsorted(self.shard[order], np.arange(len(self.shards) + 1))
+        for s, shard in enumerate(self.shards):
+            cand = order[bounds[s] : bounds[s + 1]]
+            if len(cand) == 0:
+                continue
+            table = pq.ParquetFile(self.fs.open_input_file(shard.path)).read(columns=columns)
+            yield cand, table.take(pa.array(self.file_row[cand]))
+
+
+def cluster_geometry(index: ShardIndex, arm_of: np.ndarray, n_arms: int) -> tuple[np.ndarray, np.ndarray]:
+    """(centroids [K, dim], cosine of each candidate to its centroid).
+
+    A centroid is the mean embedding of the cluster's candidates, re-normalized: for the spherical k-means
+    clusters of pass 2 that is the centroid of the final assignment.
+
+    Args:
+        index: the candidates' shard index.
+        arm_of: each candidate's arm (0..K-1).
+        n_arms: K.
+    """
+    sums: np.ndarray | None = None
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
+    floats = 0
+    for cand, table in index.stream(["embedding"]):
+        emb = embedding_matrix(table.column("embedding"))
+        if sums is None:
+            sums = np.zeros((n_arms, emb.shape[1]))
+        np.add.at(sums, arm_of[cand], emb)
+        floats += emb.size
+        if floats <= _KEEP_FLOATS:
+            kept.append((cand, emb))
+    if sums is None:
+        return np.zeros((n_arms, 0)), np.zeros(len(arm_of))
+    centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    sim = np.zeros(len(arm_of))
+    pairs = (
+        kept
+        if floats <= _KEEP_FLOATS
+        else ((cand, embedding_matrix(t.column("embedding"))) for cand, t in index.stream(["embedding"]))
+    )
+    for cand, emb in pairs:
+        norms = np.maximum(np.linalg.norm(emb, axis=1), 1e-12)
+        sim[cand] = (emb * centroids[arm_of[cand]]).sum(1) / norms
+    return centroids, sim
+
+
+def read_texts(files: list[Any], config: InputConfig, source: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """The texts of the rows (source, row) from the input files, as pass 1 saw them (cut at `max_chars`).
+
+    One Ray task per input file that holds wanted rows, each a `CorpusReader(keep_rows=...)` pass.
+    """
+    import ray
+
+    from raysel._internal.ray_stage import IO_TASK_CPUS
+
+    wanted: dict[str, list[int]] = {}
+    for s, r in zip(source, row, strict=True):
+        wanted.setdefault(str(s), []).append(int(r))
+    by_rel = {f.rel: f for f in files}
+    missing = [rel for rel in wanted if rel not in by_rel]
+    if missing:
+        raise InputError(f"input file {missing[0]!r} of a probed row is no longer in input.path; rerun the run")
+    task = ray.remote(num_cpus=IO_TASK_CPUS)(_texts_of_file)
+    futures = [task.remote(by_rel[rel].uri, rel, rows, config) for rel, rows in wanted.items()]
+    found: dict[tuple[str, int], str] = {}
+    for result in ray.get(futures):
+        found.update(result)
+    return np.array([found[(str(s), int(r))] for s, r in zip(source, row, strict=True)], dtype=object)
+
+
+def _texts_of_file(uri: str, rel: str, rows: list[int], config: InputConfig) -> dict[tuple[str, int], str]:
+    from raysel.io.read import CorpusReader
+
+    out = {}
+    for records in CorpusReader(config, keep_rows={rel: rows})({"uri": np.array([uri]), "rel": np.array([rel])}):
+        texts = records.column(config.text_field).to_pylist()
+        for r, text in zip(records.column("__row").to_pylist(), texts, strict=True):
+            out[(rel, int(r))] = str(text)[: config.max_chars]
+    return out
+
+
+class ScorerHost:
+    """One probe actor: builds the scorer once and returns its score column for each batch it is sent.
+
+    Args:
+        cls: the registered scorer class.
+        config: the scorer's config.
+        prepared: what the scorer's `prepare` returned (None without one).
+    """
+
+    def __init__(self, cls: type, config: ScorerConfig, prepared: Any = None) -> None:
+        self.name = config.name
+        self.scorer = cls(config, (config.name,), prepared)
+
+    def score(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(self.scorer(batch)[self.name], dtype=np.float64)
+
+
+class Probe:
+    """Scores chosen candidates with one registered scorer, in a Ray actor pool kept for the probe's life.
+
+    Args:
+        scorer: the scorer's config (its `actors`, `resources` and `batch_size` size the pool).
+        context: the run context (scored shards, input files, config).
+        index: the candidates' shard index.
+
+    Example:
+        >>> probe = Probe(ScorerConfig(name="loss"), context, index)        # doctest: +SKIP
+        >>> probe.score(np.array([3, 17, 42]))                              # one float per row
+        >>> probe.close()
+    """
+
+    def __init__(self, scorer: ScorerConfig, context: Any, index: ShardIndex) -> None:
+        import ray
+        import ray.data  # noqa: F401  (registers the tensor type the embedding column is stored as)
+        from ray.util import ActorPool
+
+        from raysel._internal.ray_stage import fit_cpus
+        from raysel.scorers import SCORERS
+
+        cls = SCORERS[scorer.name]
+        self.config = scorer
+        self.context = context
+        self.index = index
+        self.inputs = getattr(cls, "inputs", "text")
+        prepared = cls.prepare(scorer, context) if hasattr(cls, "prepare") else None
+        cpus = fit_cpus([scorer], ray.cluster_resources().get("CPU", 1.0))[0]
+        host = ray.remote(num_cpus=cpus, num_gpus=scorer.resources.gpus)(ScorerHost)
+        self.actors = [host.remote(cls, scorer, prepared) for _ in range(scorer.actors)]
+        self.pool = ActorPool(self.actors)
+        self.rows_scored = 0
+
+    def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """The scorer's input for candidates `idx`: their shard row, plus `text` for text scorers."""
+        from ray.data.block import BlockAccessor
+
+        table = self.index.read(idx)
+        batch = dict(BlockAccessor.for_block(table).to_batch_format("numpy"))
+        if self.inputs == "text":
+            batch["text"] = read_texts(
+                self.context.files, self.context.config.input, self.index.source[idx], self.index.row[idx]
+            )
+        return batch
+
+    def score(self, idx: np.ndarray) -> np.ndarray:
+        """The scorer's value for each candidate in `idx` (NaN where it gives none), in that order."""
+        from raysel._internal.ray_stage import BATCHES_PER_CALL
+
+        idx = np.asarray(idx, dtype=np.int64)
+        if len(idx) == 0:
+            return np.zeros(0)
+        batch = self.batch(idx)
+        step = self.config.batch_size * BATCHES_PER_CALL
+        chunks = [{c: v[i : i + step] for c, v in batch.items()} for i in range(0, len(idx), step)]
+        scores = np.concatenate(list(self.pool.map(lambda actor, b: actor.score.remote(b), chunks)))
+        self.rows_scored += len(idx)
+        return scores
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
