@@ -63,9 +63,19 @@ class InputConfig(_Frozen):
     text_field: str = "text"
     id_field: str | None = Field(None, description="column holding a stable id; default: hash of file + row")
     label_field: str | None = None
+    labels: list[str] | None = Field(
+        None, description="the label set; a row whose label is outside it is quarantined (needs label_field)"
+    )
     max_chars: int = Field(
         200_000, gt=0, description="texts longer than this are cut before tokenizing; the ledger flags them"
     )
+
+
+    @model_validator(mode="after")
+    def _labels_need_field(self) -> InputConfig:
+        if self.labels is not None and self.label_field is None:
+            raise ValueError("labels: a label set needs `label_field` naming the column that holds the labels")
+        return self
 
 
 class OutputConfig(_Frozen):

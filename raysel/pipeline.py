@@ -69,10 +69,10 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False) -> 
             the work dir (scored shards, bandit rounds) is reused, not recomputed.
     """
     timings: dict[str, float] = {}
+    files = list_input(config.input)
+    check_input(files, config.input)  # an unusable input fails here, before the output folder is touched
     sink = OutputSink(config.output.path, overwrite=overwrite or config.output.overwrite, resume=resume)
     sink.prepare(config_digest(config))
-    files = list_input(config.input)
-    check_input(files, config.input)
     init_ray(config.ray.address)
 
     with _timed(timings, "score"):

@@ -55,9 +55,9 @@ class Selection:
 
 
 def budget_rows(budget: float | int, usable: int) -> int:
-    """A fraction of the usable rows (rounded), or a row count capped at the usable rows."""
+    """A fraction of the usable rows (rounded half up: 0.5 of 21 rows is 11), or a count capped at the usable rows."""
     if isinstance(budget, float):
-        return min(usable, int(round(budget * usable)))
+        return min(usable, int(np.floor(budget * usable + 0.5)))
     return min(usable, int(budget))
 
 

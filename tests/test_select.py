@@ -15,7 +15,8 @@ def _candidates(n=100, k=4, seed=0):
 
 
 def test_budget_rows():
-    assert budget_rows(0.25, 10) == 2  # round(2.5) -> 2 (banker's), never more than asked
+    assert budget_rows(0.25, 10) == 3  # 2.5 rounds half up
+    assert budget_rows(0.5, 21) == 11
     assert budget_rows(0.3, 10) == 3
     assert budget_rows(1.0, 7) == 7
     assert budget_rows(50, 7) == 7

@@ -118,6 +118,7 @@ class CorpusReader:
         self.config = config
         self.rows_per_batch = rows_per_batch
         self.skip_rows = {k: frozenset(int(r) for r in v) for k, v in (skip_rows or {}).items()}
+        self.labels = None if config.labels is None else frozenset(config.labels)
         self.keep_rows = None if keep_rows is None else {k: frozenset(int(r) for r in v) for k, v in keep_rows.items()}
 
     def __call__(self, files: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray] | pa.Table]:
@@ -223,6 +224,8 @@ class CorpusReader:
                     label = None
                 else:
                     label = str(label)
+                    if self.labels is not None and label not in self.labels:
+                        reason = reason or f"label {label!r} is not in input.labels"
         if reason:
             text, cut = "", False
         return (rid, text, label, rel, row, reason, cut)
