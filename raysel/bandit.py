@@ -516,15 +516,23 @@ class BanditAllocator:
 
 
 def arm_estimates(
-    n_arms: int, arm_of: np.ndarray, values: np.ndarray, prior_strength: float
+    n_arms: int,
+    arm_of: np.ndarray,
+    values: np.ndarray,
+    prior_strength: float,
+    share: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(shrunk mean per arm, probes per arm, pooled within-arm deviation) of signed probe scores.
+
+    With a credit matrix, an arm's mean also counts its neighbours' probes, weighted as the rewards were:
+    mean_k = (sum_j W[j, k] S_j + prior_strength * grand) / (sum_j W[j, k] n_j + prior_strength).
 
     Args:
         n_arms: K.
         arm_of: the arm of each probed row.
         values: its signed expensive score (higher is better; NaN rows are ignored).
         prior_strength: pseudo-rows at the mean of all probes added to each arm's mean.
+        share: [K, K] credit matrix from `neighbour_weights` (default: each arm its own probes only).
     """
     ok = np.isfinite(values)
     arm_of, values = arm_of[ok], values[ok]
@@ -539,7 +547,13 @@ def arm_estimates(
     sigma = math.sqrt(float((resid**2).sum()) / dof) if dof > 0 else 0.0
     if not sigma > 0:
         sigma = float(values.std()) or 1.0
-    shrunk = (counts * means + prior_strength * grand) / (counts + prior_strength) if prior_strength > 0 else means
+    if share is not None:
+        sums, credited = share.T @ sums, share.T @ counts
+    else:
+        credited = counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shrunk = (sums + prior_strength * grand) / (credited + prior_strength)
+    shrunk = np.where(credited + prior_strength > 0, shrunk, grand)
     return shrunk, counts, sigma
 
 
@@ -649,7 +663,8 @@ class BanditPolicy(Policy):
 
         probed = np.asarray(run.probed, dtype=np.int64)
         values = run.reward_sign * np.asarray(run.probe_scores, dtype=np.float64)
-        mu, counts, sigma = arm_estimates(k, arm_of[probed], values, params.prior_strength)
+        share = neighbour_weights(centroids, params.radius, params.share)
+        mu, counts, sigma = arm_estimates(k, arm_of[probed], values, params.prior_strength, share)
         sizes = np.bincount(arm_of, minlength=k)
         tau, expected = estimated_cut(mu, sigma, sizes, budget)
         plays = np.zeros(k)

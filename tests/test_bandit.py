@@ -230,6 +230,16 @@ def test_arm_estimates_by_hand():
     assert sigma == pytest.approx(math.sqrt((1 + 1 + 0.25 + 0.25) / 2))
 
 
+def test_arm_estimates_borrow_from_neighbours_as_the_rewards_were_credited():
+    arm_of = np.array([0, 0, 1])
+    values = np.array([2.0, 4.0, -1.0])
+    share = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.0], [0.5, 0.0, 1.0]])  # arm 2 (unprobed) sits near arm 0
+    mu, counts, _ = arm_estimates(3, arm_of, values, prior_strength=1.0, share=share)
+    grand = 5.0 / 3
+    assert counts.tolist() == [2, 1, 0]
+    assert mu == pytest.approx([(6.0 + grand) / 3, (-1.0 + grand) / 2, (0.5 * 6.0 + grand) / (0.5 * 2 + 1)])
+
+
 def test_estimated_cut_solves_the_budget_equation():
     mu = np.array([0.0, 1.0, 2.5])
     sizes = np.array([100, 50, 10])
