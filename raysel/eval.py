@@ -98,7 +98,9 @@ class DownstreamConfig(_Frozen):
     """The model trained on each selection, and its settings."""
 
     model: Literal["logreg", "finetune"] = "logreg"
-    C: float = Field(1.0, gt=0, description="logreg: inverse regularization strength")
+    C: float = Field(
+        10.0, gt=0, description="logreg: inverse regularization strength (unit-norm embeddings: small features)"
+    )
     max_iter: int = Field(2000, ge=1, description="logreg: solver iterations")
     encoder: str = Field("minilm", description="finetune: the encoder to fine-tune")
     steps: int = Field(200, ge=1, description="finetune: optimizer steps, whatever the subset's size")
@@ -386,9 +388,11 @@ def load_train_embeddings(scores_uri: str, ids: np.ndarray) -> np.ndarray:
     missing = [i for i in ids if i not in index]
     if missing:
         raise InputError(f"{len(missing)} train ids have no embedding in {scores_uri} (e.g. {missing[0]!r})")
-    flat = table.column("embedding").combine_chunks()
-    dim = len(flat[0])
-    matrix = np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+    column = table.column("embedding").combine_chunks()
+    if isinstance(column, pa.ExtensionArray):  # Ray's tensor type, stored as a list of floats per row
+        column = column.storage
+    values = pa.compute.list_flatten(column).to_numpy(zero_copy_only=False)
+    matrix = np.asarray(values, dtype=np.float32).reshape(len(column), -1)
     return matrix[[index[i] for i in ids]]
 
 
