@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -47,16 +46,19 @@ def free_ports(n: int) -> list[int]:
     return sorted(ports)
 
 
-def kill_tree(proc: psutil.Process, grace_s: float) -> None:
-    """SIGTERM `proc`, wait, then SIGKILL it and everything it started (collected before anything dies)."""
+def kill_tree(pid: int, grace_s: float, marker: str) -> None:
+    """SIGTERM `pid`, wait, then SIGKILL it and everything it started (collected before anything dies), and any
+    process left whose command line holds `marker` (this head's own temp dir: only its processes have it)."""
+    family = []
     try:
+        proc = psutil.Process(pid)
         family = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    try:
         proc.send_signal(signal.SIGTERM)
     except psutil.NoSuchProcess:
         pass
+    for p in psutil.process_iter(["cmdline"]):
+        if marker in " ".join(p.info["cmdline"] or []) and p not in family:
+            family.append(p)
     _, alive = psutil.wait_procs(family, timeout=grace_s)
     for p in alive:
         try:
@@ -92,29 +94,50 @@ def ray_head():
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if head.poll() is not None:
-                raise RuntimeError(f"ray start exited with {head.returncode}: {(Path(temp_dir) / 'head.log').read_text()}")
-            probe = subprocess.run(
-                [str(BIN / "ray"), "job", "list", "--address", url], env=env, capture_output=True, text=True
-            )
-            if probe.returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the job server at {url} did not come up in 120 s: {probe.stderr[-2000:]}")
-            time.sleep(2)
+        # One probe process that retries inside (spawning a Ray CLI per try is slow on a busy machine).
+        waited = sdk(env, _WAIT_FOR_JOB_SERVER, url, "300", timeout=330)
+        if waited.returncode != 0:
+            head_log = (Path(temp_dir) / "head.log").read_text()
+            raise RuntimeError(f"the job server at {url} did not come up: {waited.stderr[-2000:]}\n{head_log}")
         yield url, env
     finally:
-        kill_tree(psutil.Process(head.pid), grace_s=20)
+        kill_tree(head.pid, grace_s=20, marker=temp_dir)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def ray_job(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+_WAIT_FOR_JOB_SERVER = """
+import sys, time
+from ray.job_submission import JobSubmissionClient
+deadline = time.monotonic() + float(sys.argv[2])
+while True:
+    try:
+        JobSubmissionClient(sys.argv[1]).list_jobs()
+        break
+    except Exception:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(2)
+"""
+
+
+def sdk(env: dict, code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run a snippet against the job server with Ray's Python SDK, in the head's environment (its auth token)."""
     return subprocess.run(
-        [str(BIN / "ray"), "job", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def ray_job(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), "job", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def job_status(env: dict, url: str, sid: str) -> str:
+    """The job's status as the job server keeps it (SUCCEEDED, FAILED, ...), through Ray's Python SDK."""
+    code = "import sys; from ray.job_submission import JobSubmissionClient as C; print(C(sys.argv[1]).get_job_status(sys.argv[2]))"
+    out = sdk(env, code, url, sid)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().rsplit(".", 1)[-1]
 
 
 def job_dir(tmp_path: Path, config: dict) -> Path:
@@ -148,8 +171,7 @@ def test_ray_job_submit_runs_raysel_and_commits(ray_head, tmp_path):
     )  # fmt: skip
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
 
-    status = ray_job(env, "status", "--address", url, sid)
-    assert "SUCCEEDED" in status.stdout + status.stderr
+    assert job_status(env, url, sid) == "SUCCEEDED"
     out = tmp_path / "out"
     assert (out / "_SUCCESS").exists()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -176,8 +198,7 @@ def test_a_failing_run_fails_the_job_and_its_error_reaches_the_logs(ray_head, tm
         "raysel", "run", "run.yaml",
     )  # fmt: skip
     assert submit.returncode != 0
-    status = ray_job(env, "status", "--address", url, sid)
-    assert "FAILED" in status.stdout + status.stderr
+    assert job_status(env, url, sid) == "FAILED"
     logs = ray_job(env, "logs", "--address", url, sid).stdout
     assert "select.policy: unknown policy 'no-such-policy'" in logs
     assert not (tmp_path / "out").exists()
