@@ -610,8 +610,13 @@ class BanditParams(BaseModel):
     within: Literal["probe", "cheap"] = "probe"
 
     def round_settings(self) -> dict[str, Any]:
-        """What determines the rounds (the key of the saved state): not the limits, not the allocation."""
-        return self.model_dump(exclude={"max_rounds", "probe_budget", "allocate", "prior_strength", "within"})
+        """What determines the rounds (the key of the saved state): not the limits, not the allocation, not how
+        the probe's actors are sized."""
+        settings = self.model_dump(exclude={"max_rounds", "probe_budget", "allocate", "prior_strength", "within"})
+        settings["probe_scorer"] = self.probe_scorer.model_dump(
+            exclude={"actors", "resources", "threads", "batch_size"}
+        )
+        return settings
 
 
 @register_policy("bandit")

@@ -304,3 +304,97 @@ def test_bandit_policy_through_the_pipeline(ray_cluster, tmp_path):
     state = json.loads(open(bandit["state"]).read())
     assert len(state["probed"]) == 8 and all(np.isfinite(state["probe_scores"]))
     assert all(2.0 < s < 12.0 for s in state["probe_scores"])  # mean token NLL of real English text
+
+
+def test_state_key_ignores_limits_allocation_and_pool_size():
+    from raysel.bandit import BanditPolicy
+    from raysel.config import SelectConfig
+    from raysel.select import Candidates
+
+    cands = Candidates(ids=np.array(["a", "b", "c"], dtype=object), cluster=np.array([0, 1, 1]), scores={})
+
+    def key(seed=0, **params):
+        cfg = SelectConfig(budget=1, policy="bandit", seed=seed, params=params)
+        return BanditPolicy(cfg)._state_key(cands, cfg.typed_params())
+
+    base = key(per_arm=3)
+    same = [
+        key(per_arm=3, max_rounds=9),
+        key(per_arm=3, probe_budget=0.5),
+        key(per_arm=3, allocate="plays", within="cheap", prior_strength=5),
+        key(per_arm=3, probe_scorer={"name": "loss", "batch_size": 4, "actors": 2}),
+    ]
+    assert same == [base] * 4
+    different = [key(per_arm=4), key(seed=1, per_arm=3), key(per_arm=3, probe_scorer={"name": "entropy"})]
+    assert base not in different and len(set(different)) == 3
+    other = Candidates(ids=cands.ids, cluster=np.array([0, 0, 1]), scores={})
+    cfg = SelectConfig(budget=1, policy="bandit", params={"per_arm": 3})
+    assert BanditPolicy(cfg)._state_key(other, cfg.typed_params()) != base
+
+
+# --- reading the scored shards (raysel/probe.py) -------------------------------------------------------------
+
+
+def _shards(tmp_path, rng):
+    """Two shard files in small row groups: 20 rows, one quarantined, one id repeated (first at a.jsonl:3)."""
+    import pyarrow as pa
+
+    folder = tmp_path / "scores"
+    folder.mkdir()
+    rows = []
+    for i in range(20):
+        rows.append(
+            {
+                "id": f"r{i:02d}",
+                "reason": "bad line" if i == 7 else "",
+                "source": "a.jsonl" if i < 12 else "b.jsonl",
+                "row": i if i < 12 else i - 12,
+                "value": float(i),
+                "embedding": rng.normal(size=4).astype(np.float32).tolist(),
+            }
+        )
+    rows[15] = {**rows[15], "id": "r03", "value": 99.0}  # a repeat of r03, later in (source, row) order
+    order = rng.permutation(20)
+    for name, part in (("0.parquet", order[:9]), ("1.parquet", order[9:])):
+        pq.write_table(pa.Table.from_pylist([rows[i] for i in part]), folder / name, row_group_size=3)
+    return folder, rows
+
+
+def test_shard_index_reads_rows_by_id_in_the_asked_order(tmp_path):
+    from raysel.probe import ShardIndex, cluster_geometry, embedding_matrix
+
+    rng = np.random.default_rng(0)
+    folder, rows = _shards(tmp_path, rng)
+    usable = [r for i, r in enumerate(rows) if r["reason"] == "" and i != 15]
+    ids = np.array(sorted(r["id"] for r in usable), dtype=object)
+    index = ShardIndex.build(str(folder), ids)
+    by_id = {r["id"]: r for r in usable}
+    ask = rng.permutation(len(ids))[:11]
+    table = index.read(ask)
+    assert table.column("id").to_pylist() == ids[ask].tolist()
+    assert table.column("value").to_pylist() == [by_id[i]["value"] for i in ids[ask]]  # r03: the first, not 99
+    assert index.source[ids.tolist().index("r03")] == "a.jsonl" and index.row[ids.tolist().index("r03")] == 3
+    seen = []
+    for cand, part in index.stream(["id", "embedding"]):
+        assert part.column("id").to_pylist() == ids[cand].tolist()
+        seen += cand.tolist()
+    assert sorted(seen) == list(range(len(ids)))
+    # geometry against a direct computation
+    arm_of = np.arange(len(ids)) % 3
+    emb = embedding_matrix(index.read(np.arange(len(ids)), ["embedding"]).column("embedding"))
+    assert emb == pytest.approx(np.array([by_id[i]["embedding"] for i in ids]))
+    centroids, sim = cluster_geometry(index, arm_of, 3)
+    for a in range(3):
+        mean = emb[arm_of == a].mean(0)
+        assert centroids[a] == pytest.approx(mean / np.linalg.norm(mean), abs=1e-6)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    assert sim == pytest.approx((unit * centroids[arm_of]).sum(1), abs=1e-6)
+
+
+def test_shard_index_names_missing_ids(tmp_path):
+    from raysel.errors import InputError
+    from raysel.probe import ShardIndex
+
+    folder, _ = _shards(tmp_path, np.random.default_rng(1))
+    with pytest.raises(InputError, match=r"2 candidate ids \(e.g. 'r07'\) are not among the usable rows"):
+        ShardIndex.build(str(folder), np.array(["r00", "r07", "zz"], dtype=object))
