@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -158,13 +159,18 @@ def service():
     return ScoringService(SMALL, threads=2)
 
 
+@functools.cache
+def _smollm2():
+    from raysel.models import load_causal_lm
+
+    return load_causal_lm("smollm2", device="cpu")
+
+
 def reference_scores(text: str, max_tokens: int) -> tuple[float, float]:
     """(mean entropy, mean NLL) of one text, token by token, from SmolLM2 with no padding and no batching."""
     import torch
 
-    from raysel.models import load_causal_lm
-
-    model, tok = load_causal_lm("smollm2", device="cpu")
+    model, tok = _smollm2()
     ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"][: max_tokens - 1]
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([ids])).logits[0].double()
