@@ -172,53 +172,57 @@ def _edges(lo: float, hi: float) -> np.ndarray:
 
 
 def bandit_rounds(selection: dict[str, Any]) -> dict[str, np.ndarray] | None:
-    """Per-round rewards (and regret, when the policy recorded it) from the manifest's `selection` info.
+    """Per-round rewards and cumulative regret from the manifest's `selection` info, or None without rounds.
 
-    Accepts the shapes a bandit policy may record: a list of numbers (one reward per round) or a list of
-    dicts with `reward` (and optionally `arm`/`arms`, `regret`) under `reward_history`, `rewards`,
-    `history` or `rounds`; an explicit `regret` list wins over the estimate. Returns None without rounds.
+    Reads `selection.bandit.reward_history` (raysel's bandit policy: one dict per round with `arms` and their
+    `rewards`), and also accepts, under `reward_history`, `rewards`, `history` or `rounds` (in `selection` or
+    `selection.bandit`), a list of numbers (one reward per round) or of dicts with `reward` and `arm`. A
+    round's reward is the mean over the arms it played. A recorded `regret` list wins over the estimate.
 
-    Without a recorded regret, the estimate is the cumulative gap to the best arm's mean reward over the
-    run (pulls of each arm averaged), which is what a reader can compute from the history alone.
+    The estimate, when the policy recorded none: every pull's gap to the best arm's mean reward over the
+    run (each arm's pulls averaged), summed per round and accumulated. It is what a reader can compute
+    from the history alone; a flattening curve means the bandit settled on the arms it found best.
     """
-    history = None
-    for key in ("reward_history", "rewards", "history", "rounds"):
-        value = selection.get(key)
-        if isinstance(value, list) and value:
-            history = value
+    scopes = [selection, selection.get("bandit") if isinstance(selection.get("bandit"), dict) else {}]
+    history, scope = None, selection
+    for candidate in scopes[::-1]:
+        for key in ("reward_history", "rewards", "history", "rounds"):
+            value = candidate.get(key)
+            if isinstance(value, list) and value:
+                history, scope = value, candidate
+                break
+        if history is not None:
             break
     if history is None:
         return None
-    rewards, arms = [], []
+    rounds: list[list[tuple[Any, float]]] = []  # per round, its (arm, reward) pulls
     for item in history:
-        if isinstance(item, int | float):
-            rewards.append(float(item))
-            arms.append(None)
+        if isinstance(item, int | float) and not isinstance(item, bool):
+            rounds.append([(None, float(item))])
         elif isinstance(item, dict) and isinstance(item.get("reward"), int | float):
-            rewards.append(float(item["reward"]))
-            arm = item.get("arm", item.get("arms"))
-            arms.append(tuple(arm) if isinstance(arm, list) else arm)
+            rounds.append([(item.get("arm"), float(item["reward"]))])
         elif isinstance(item, dict) and isinstance(item.get("rewards"), list) and item["rewards"]:
-            rewards.append(float(np.mean(item["rewards"])))
-            arm = item.get("arms", item.get("arm"))
-            arms.append(tuple(arm) if isinstance(arm, list) else arm)
-    if not rewards:
+            arms = item.get("arms") if isinstance(item.get("arms"), list) else [None] * len(item["rewards"])
+            rounds.append([(a, float(r)) for a, r in zip(arms, item["rewards"], strict=False)])
+    rounds = [r for r in rounds if r]
+    if not rounds:
         return None
-    r = np.asarray(rewards, dtype=np.float64)
-    out = {"reward": r}
-    recorded = selection.get("regret")
-    if isinstance(recorded, list) and len(recorded) == len(r):
+    reward = np.array([np.mean([x for _, x in pulls]) for pulls in rounds], dtype=np.float64)
+    out = {"reward": reward}
+    recorded = scope.get("regret")
+    if isinstance(recorded, list) and len(recorded) == len(reward):
         out["regret"] = np.asarray(recorded, dtype=np.float64)
         out["regret_recorded"] = np.ones(1)
         return out
-    if any(a is not None for a in arms):
-        means: dict[Any, list[float]] = {}
-        for a, x in zip(arms, rewards, strict=True):
-            means.setdefault(a, []).append(x)
-        best = max(float(np.mean(v)) for v in means.values())
+    pulls = [p for r in rounds for p in r]
+    if all(a is not None for a, _ in pulls):
+        by_arm: dict[Any, list[float]] = {}
+        for a, x in pulls:
+            by_arm.setdefault(a, []).append(x)
+        best = max(float(np.mean(v)) for v in by_arm.values())
+        out["regret"] = np.cumsum([sum(best - x for _, x in r) for r in rounds])
     else:
-        best = float(r.max())
-    out["regret"] = np.cumsum(best - r)
+        out["regret"] = np.cumsum(reward.max() - reward)
     return out
 
 
@@ -487,6 +491,8 @@ def render_html(out: str, manifest: dict[str, Any], s: LedgerSummary, figures: l
     rows += [(f"rows cut: {k}", v) for k, v in (manifest.get("truncated") or {}).items()]
     extra = {k: v for k, v in sel.items() if isinstance(v, int | float | str) and k not in ("policy", "budget_rows")}
     rows += [(f"selection: {k}", v) for k, v in extra.items()]
+    nested = {k: v for k, v in (sel.get("bandit") or {}).items() if isinstance(v, int | float | str) and v != ""}
+    rows += [(f"bandit: {k}", v) for k, v in nested.items()]
     body = [f"<h1>raysel run report</h1>{_table(rows)}"]
     for f in figures:
         data = base64.b64encode(f.png).decode("ascii")

@@ -149,6 +149,10 @@ def test_bandit_rounds_from_the_manifest():
     np.testing.assert_allclose(per_arm["regret"], np.cumsum([0.3, -0.1, 0.1]))
     batched = bandit_rounds({"rounds": [{"arms": [0, 1], "rewards": [0.2, 0.4]}, {"arms": [2], "rewards": [1.0]}]})
     np.testing.assert_allclose(batched["reward"], [0.3, 1.0])
+    np.testing.assert_allclose(batched["regret"], [1.4, 1.4])  # best arm 2 (1.0): 0.8 + 0.6, then 0
+    # raysel's bandit policy nests its history under selection.bandit
+    nested = bandit_rounds({"bandit": {"reward_history": [{"round": 1, "arms": [3], "rewards": [0.5]}]}})
+    np.testing.assert_allclose(nested["reward"], [0.5])
     recorded = bandit_rounds({"rewards": [1.0, 2.0], "regret": [0.5, 0.7]})
     np.testing.assert_allclose(recorded["regret"], [0.5, 0.7])
     assert "regret_recorded" in recorded
@@ -160,10 +164,15 @@ def test_bandit_plot_when_the_policy_recorded_rounds(committed_run, tmp_path):
     shutil.copytree(committed_run, out)
     manifest = json.loads((out / "manifest.json").read_text())
     rng = np.random.default_rng(0)
-    manifest["selection"]["reward_history"] = [
-        {"round": t, "arm": int(a), "reward": float(rng.normal(a / 4, 0.05))}
-        for t, a in enumerate(rng.integers(0, 4, 30))
-    ]
+    # the shape raysel's bandit policy records (selection.bandit.reward_history: arms and rewards per round)
+    manifest["selection"]["bandit"] = {
+        "rounds": 30,
+        "examples_probed": 120,
+        "reward_history": [
+            {"round": t + 1, "arms": [int(a)], "rewards": [float(rng.normal(a / 4, 0.05))], "probed": 4}
+            for t, a in enumerate(rng.integers(0, 4, 30))
+        ],
+    }
     (out / "manifest.json").write_text(json.dumps(manifest))
     page = Path(write_report(str(out)))
     images = dict((alt, w) for alt, w, _ in rendered_images(page, tmp_path))
