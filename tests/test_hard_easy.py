@@ -68,3 +68,30 @@ def test_unscored_rows_come_last():
     assert sel.selected.tolist() == [False, True, True, False, True, True]
     sel = _select(values, 5, hard_fraction=0.2)  # 4 easy: the 3 scored, then the first unscored by id
     assert sel.selected.tolist() == [True, True, True, False, True, True]
+
+
+@pytest.mark.slow
+def test_hard_easy_through_the_pipeline(ray_cluster, tmp_path):
+    import pyarrow.parquet as pq
+    from conftest import bbc_sample, write_jsonl
+
+    from raysel.config import parse_config
+    from raysel.pipeline import run
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", bbc_sample(20, seed=2))
+    result = run(
+        parse_config(
+            {
+                "input": {"path": str(corpus), "id_field": "id"},
+                "output": {"path": str(tmp_path / "out")},
+                "embed": {"max_tokens": 32},
+                "scorers": [{"name": "loss", "max_tokens": 32}],
+                "cluster": {"k": 2},
+                "work_dir": str(tmp_path / "work"),
+                "select": {"budget": 10, "policy": "hard_easy", "score": "loss", "params": {"hard_fraction": 0.2}},
+            }
+        )
+    )
+    assert result.manifest["selection"]["hard"] == 2 and result.manifest["selection"]["easy"] == 8
+    ledger = pq.read_table(tmp_path / "out" / "ledger").to_pandas().sort_values("loss")
+    assert ledger.status.tolist() == ["selected"] * 8 + ["rejected"] * 8 + ["selected"] * 2
