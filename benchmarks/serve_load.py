@@ -31,7 +31,10 @@ import numpy as np
 import yaml
 
 SERVE_CONFIG = {
-    "scorers": [{"name": "entropy", "max_tokens": 32, "batch_size": 32}, {"name": "loss", "max_tokens": 32}],
+    "scorers": [  # the same settings: one SmolLM2 pass computes both
+        {"name": "entropy", "max_tokens": 32, "batch_size": 32},
+        {"name": "loss", "max_tokens": 32, "batch_size": 32},
+    ],
     "embed": None,
     "limits": {"max_texts": 8, "max_chars": 2000},
     "batching": {"max_texts": 32, "wait_s": 0.02},

@@ -272,7 +272,10 @@ class ScoringService:
 
         self.config = config
         threads = threads or max(1, round(config.replicas.resources.cpus))
-        scorers = [s if s.threads else s.model_copy(update={"threads": threads}) for s in config.scorers]
+        # In a replica, `actors` and `resources` of a scorer section mean nothing (the replica's own govern);
+        # normalising them lets scorers that differ only there share one model, as in the pipeline.
+        replica = {"actors": 1, "resources": config.replicas.resources}
+        scorers = [s.model_copy(update={**replica, "threads": s.threads or threads}) for s in config.scorers]
         self.stages = [
             (cls(config=cfg, outputs=outputs), outputs) for cls, cfg, outputs in scorer_stages(scorers, "text")
         ]

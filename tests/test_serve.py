@@ -45,7 +45,10 @@ SENTENCES = [
     "The orchestra played Beethoven's fifth symphony to a full house.",
 ]
 CONFIG = {
-    "scorers": [{"name": "entropy", "max_tokens": 16, "batch_size": 8}, {"name": "loss", "max_tokens": 16}],
+    "scorers": [
+        {"name": "entropy", "max_tokens": 16, "batch_size": 8},
+        {"name": "loss", "max_tokens": 16, "batch_size": 8, "actors": 3},  # `actors` means nothing in a replica
+    ],
     "embed": {"model": "minilm", "max_tokens": 32, "batch_size": 8},
     "limits": {"max_texts": 4, "max_chars": 300, "max_body_bytes": 4096},
     "batching": {"max_texts": 16, "wait_s": 0.05},
@@ -182,6 +185,10 @@ def reference_scores(text: str, max_tokens: int) -> tuple[float, float]:
     return float(np.mean(entropies)), float(np.mean(nlls))
 
 
+def test_entropy_and_loss_share_one_model_pass(service):
+    assert [outputs for _, outputs in service.stages] == [("entropy", "loss")]
+
+
 def test_service_scores_match_a_token_by_token_reference(service):
     results = service.score(SENTENCES[:3], ["entropy", "loss"])
     for text, result in zip(SENTENCES[:3], results, strict=True):
@@ -202,8 +209,9 @@ def test_service_embedding_matches_the_encoder(service):
 
 
 def test_a_text_scores_the_same_alone_and_in_a_batch(service):
-    alone = [service.score([t], ["entropy", "loss"])[0]["scores"] for t in SENTENCES]
-    together = [r["scores"] for r in service.score(SENTENCES, ["entropy", "loss"])]
+    texts = SENTENCES[:4]  # a short, a long (cut) and two mid-length texts: padding differs in the batch
+    alone = [service.score([t], ["entropy", "loss"])[0]["scores"] for t in texts]
+    together = [r["scores"] for r in service.score(texts, ["entropy", "loss"])]
     for a, b in zip(alone, together, strict=True):
         assert a["entropy"] == pytest.approx(b["entropy"], abs=1e-4)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
@@ -359,4 +367,4 @@ def test_the_service_still_scores_after_bad_requests(server):
 
 def test_scorer_config_is_the_run_configs_own():
     """A serve config's scorer sections are run-config `ScorerConfig`s: a section copied from a run config works."""
-    assert parse_serve_config(CONFIG).scorers[0] == ScorerConfig(name="entropy", max_tokens=16, batch_size=8)
+    assert parse_serve_config(CONFIG).scorers[1] == ScorerConfig(name="loss", max_tokens=16, batch_size=8, actors=3)
