@@ -1,13 +1,15 @@
 """Selection quality on real labelled corpora: every policy at every budget vs random and full data.
 
-    .venv/bin/python benchmarks/quality.py bbc                 # raysel/configs/eval-bbc.yaml
+    .venv/bin/python benchmarks/quality.py bbc                 # raysel/configs/eval-bbc.yaml (LM scores)
+    .venv/bin/python benchmarks/quality.py bbc-labels          # eval-bbc-labels.yaml (EL2N, classifier entropy)
     .venv/bin/python benchmarks/quality.py fortunes            # Debian fortunes + fortunes-min, 40 categories
     .venv/bin/python benchmarks/quality.py wordnet             # Debian wordnet-base glosses, 45 lexicographer files
 
 Each corpus is an eval config in raysel/configs/eval-<name>.yaml; this script builds the corpora that
 come from Debian packages as JSONL in raysel's cache (apt-get install fortunes fortunes-min wordnet-base),
-runs `raysel.eval.run_eval`, and prints OUT/results.md. For `bbc` it also copies the accuracy-vs-budget
-plot to docs/img/accuracy-vs-budget-bbc.png (shown in the README). Extra arguments are `--set` overrides.
+runs `raysel.eval.run_eval`, and prints OUT/results.md. For the BBC evals it also copies the
+accuracy-vs-budget plot to docs/img/accuracy-vs-budget-<name>.png (the README shows one). Extra arguments
+are `--set` overrides.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _write(out: Path, rows: list[dict]) -> Path:
     return out
 
 
-CORPORA = {"bbc": None, "fortunes": fortunes_corpus, "wordnet": wordnet_corpus}
+CORPORA = {"bbc": None, "bbc-labels": None, "fortunes": fortunes_corpus, "wordnet": wordnet_corpus}
 
 
 def main() -> None:
@@ -95,8 +97,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     print(f"\n{args.corpus}: {seconds:.0f} s on {platform.processor() or platform.machine()}\n")
     print((Path(result.output) / "results.md").read_text())
-    if args.corpus == "bbc":
-        target = REPO / "docs" / "img" / "accuracy-vs-budget-bbc.png"
+    if args.corpus.startswith("bbc"):
+        target = REPO / "docs" / "img" / f"accuracy-vs-budget-{args.corpus}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(result.output) / "accuracy_vs_budget.png", target)
         print(f"plot: {target}")

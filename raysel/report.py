@@ -262,7 +262,7 @@ def build_figures(manifest: dict[str, Any], s: LedgerSummary) -> list[Figure]:
         figures.append(_label_figure(s))
     rounds = bandit_rounds(manifest.get("selection") or {})
     if rounds is not None:
-        figures.append(_bandit_figure(rounds))
+        figures.append(_bandit_figure(rounds, (manifest.get("selection") or {}).get("bandit") or {}))
     if manifest.get("seconds"):
         figures.append(_time_figure(manifest))
     return figures
@@ -404,7 +404,7 @@ def _label_figure(s: LedgerSummary) -> Figure:
     return Figure("Labels", caption, _png(fig))
 
 
-def _bandit_figure(rounds: dict[str, np.ndarray]) -> Figure:
+def _bandit_figure(rounds: dict[str, np.ndarray], info: dict[str, Any]) -> Figure:
     r = rounds["reward"]
     x = np.arange(1, len(r) + 1)
     fig = _figure(10, 3.4)
@@ -423,11 +423,13 @@ def _bandit_figure(rounds: dict[str, np.ndarray]) -> Figure:
     ax2.set_xlabel("round")
     ax2.set_ylabel("cumulative regret")
     ax2.set_title("regret (recorded by the policy)" if recorded else "regret (estimated vs the best arm's mean)")
-    return Figure(
-        "Bandit",
-        f"{len(r)} rounds; mean reward {r.mean():.4g}, last tenth {r[-max(1, len(r) // 10) :].mean():.4g}.",
-        _png(fig),
-    )
+    caption = f"{len(r)} rounds; mean reward {r.mean():.4g}, last tenth {r[-max(1, len(r) // 10) :].mean():.4g}."
+    if isinstance(info.get("examples_probed"), int):
+        caption += f" The expensive scorer touched {info['examples_probed']:,} rows"
+        if isinstance(info.get("probed_fraction"), int | float):
+            caption += f" ({info['probed_fraction']:.1%} of the corpus)"
+        caption += "."
+    return Figure("Bandit", caption, _png(fig))
 
 
 def _time_figure(manifest: dict[str, Any]) -> Figure:
