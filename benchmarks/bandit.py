@@ -106,6 +106,14 @@ def _metrics(x_train, y_train, x_test, y_test, topic, seed) -> dict[str, float]:
     }
 
 
+def _influence_of(exhaustive_out: Path) -> dict[str, float]:
+    """Every usable pool row's influence, from the exhaustive run's ledger (it scored them all)."""
+    import pyarrow.parquet as pq
+
+    ledger = pq.read_table(exhaustive_out / "ledger", columns=["id", "status", "influence"]).to_pylist()
+    return {r["id"]: r["influence"] for r in ledger if r["status"] != "quarantined"}
+
+
 def run_bbc(budget: float, seeds: int, probe_budget: float, limit: int | None = None) -> dict:
     import pyarrow.parquet as pq
     import ray
@@ -203,11 +211,35 @@ def run_bbc(budget: float, seeds: int, probe_budget: float, limit: int | None = 
             )
             print(json.dumps(results[-1]), flush=True)
         exh = set(chosen["exhaustive"])
+        influence_of = _influence_of(root / "runs" / f"b{budget}" / f"s{seed}" / "exhaustive")
+        best = np.mean([influence_of[i] for i in exh])
         for r in results[-3:]:
             r["overlap_with_exhaustive"] = len(exh & set(chosen[r["method"]])) / len(exh)
+            # the objective itself: the chosen rows' mean influence, as a share of exhaustive top-k's
+            r["influence_captured"] = float(np.mean([influence_of[i] for i in chosen[r["method"]]]) / best)
     out = {"budget": budget, "probe_budget": probe_budget, "pool": len(pool), "test": len(test), "results": results}
     (root / f"results-b{budget}.json").write_text(json.dumps(out, indent=2))
     ray.shutdown()
+    return out
+
+
+def report_bbc(budget: float) -> dict:
+    """Reload a finished `bbc` run's results and fill in what a run of an older version of this script left out."""
+    import pyarrow.parquet as pq
+
+    root = BENCH / "bbc"
+    out = json.loads((root / f"results-b{budget}.json").read_text())
+    for r in out["results"]:
+        if "influence_captured" in r:
+            continue
+        runs = root / "runs" / f"b{budget}" / f"s{r['seed']}"
+        influence_of = _influence_of(runs / "exhaustive")
+
+        def mean_influence(method, runs=runs, influence_of=influence_of):
+            ids = pq.read_table(runs / method / "selected", columns=["id"]).column("id").to_pylist()
+            return float(np.mean([influence_of[i] for i in ids]))
+
+        r["influence_captured"] = mean_influence(r["method"]) / mean_influence("exhaustive")
     return out
 
 
@@ -218,8 +250,8 @@ def bbc_markdown(out: dict) -> str:
         f"probe budget {out['probe_budget']}; mean ± std over {len({r['seed'] for r in rows})} seeds.",
         "",
         "| method | accuracy, target topic | F1, target topic | accuracy, all topics | chosen rows on the target "
-        "topic | overlap with exhaustive | pool scored by influence |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "topic | overlap with exhaustive | influence captured | pool scored by influence |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m in ("exhaustive", "bandit", "random"):
         mine = [r for r in rows if r["method"] == m]
@@ -230,19 +262,19 @@ def bbc_markdown(out: dict) -> str:
 
         lines.append(
             f"| {m} | {ms('acc_target')} | {ms('f1_target')} | {ms('acc_all')} | {ms('on_target_topic')} % "
-            f"| {ms('overlap_with_exhaustive')} % | {ms('scored_fraction')} % |"
+            f"| {ms('overlap_with_exhaustive')} % | {ms('influence_captured')} % | {ms('scored_fraction')} % |"
         )
     lines += [
         "",
-        "| seed | target topic | method | acc target | F1 target | acc all | on topic | overlap | scored | rounds "
-        "| select s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| seed | target topic | method | acc target | F1 target | acc all | on topic | overlap | influence "
+        "captured | scored | rounds | select s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['seed']} | {r['topic']} | {r['method']} | {100 * r['acc_target']:.1f} | {100 * r['f1_target']:.1f} "
             f"| {100 * r['acc_all']:.1f} | {100 * r['on_target_topic']:.0f} % | {100 * r['overlap_with_exhaustive']:.0f} % "
-            f"| {100 * r['scored_fraction']:.1f} % | {r['rounds'] or ''} | {r['select_seconds']:.1f} |"
+            f"| {100 * r['influence_captured']:.0f} % | {100 * r['scored_fraction']:.1f} % | {r['rounds'] or ''} | {r['select_seconds']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -267,7 +299,7 @@ def synthetic_problem(seed: int, smooth: bool, k: int = 64, size: int = 1000):
     return mu, c, scores
 
 
-def synthetic_run(algorithm: str, seed: int, smooth: bool, share: str = "none") -> dict:
+def synthetic_run(algorithm: str, seed: int, smooth: bool, share: str = "none", eta: float | None = None) -> dict:
     from raysel.bandit import (
         BanditRun,
         EXP3SPolicy,
@@ -284,7 +316,7 @@ def synthetic_run(algorithm: str, seed: int, smooth: bool, share: str = "none") 
     sharing = neighbour_weights(centroids, 0.5, share)
     policy = {
         "ucb": lambda: UCBPolicy(k, alpha=1.0, share=sharing, seed=seed),
-        "exp3s": lambda: EXP3SPolicy(k, gamma=0.1, mix=0.001, seed=seed),
+        "exp3s": lambda: EXP3SPolicy(k, gamma=0.1, mix=0.001, eta=eta, seed=seed),
         "thompson": lambda: ThompsonPolicy(k, share=sharing, seed=seed),
         "uniform": lambda: UCBPolicy(k, alpha=0.0, seed=seed),
     }[algorithm]()
@@ -325,12 +357,13 @@ def synthetic_run(algorithm: str, seed: int, smooth: bool, share: str = "none") 
 def run_synthetic(seeds: int) -> dict:
     out = {}
     for smooth in (False, True):
-        variants = [("ucb", "none"), ("exp3s", "none"), ("thompson", "none"), ("uniform", "none")]
+        variants = [("ucb", "none", None), ("thompson", "none", None), ("exp3s", "none", None)]
+        variants += [("exp3s", "none", 0.05), ("uniform", "none", None)]
         if smooth:
-            variants += [("ucb", "quad"), ("ucb", "equal"), ("thompson", "quad")]
-        for algorithm, share in variants:
-            name = f"{'smooth' if smooth else 'planted'}/{algorithm}/{share}"
-            out[name] = [synthetic_run(algorithm, s, smooth, share) for s in range(seeds)]
+            variants += [("ucb", "quad", None), ("ucb", "equal", None), ("thompson", "quad", None)]
+        for algorithm, share, eta in variants:
+            name = f"{'smooth' if smooth else 'planted'}/{algorithm}{'' if eta is None else f' eta={eta}'}/{share}"
+            out[name] = [synthetic_run(algorithm, s, smooth, share, eta) for s in range(seeds)]
     (BENCH / "synthetic.json").parent.mkdir(parents=True, exist_ok=True)
     (BENCH / "synthetic.json").write_text(json.dumps(out))
     return out
@@ -397,7 +430,7 @@ def run_mig_speed(n: int, k: int, budget: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["bbc", "synthetic", "mig-speed"])
+    parser.add_argument("what", choices=["bbc", "bbc-report", "synthetic", "mig-speed"])
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--probe-budget", type=float, default=0.1)
     parser.add_argument("--seeds", type=int, default=3)
@@ -406,6 +439,8 @@ def main() -> None:
     print(f"# {args.what} on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", flush=True)
     if args.what == "bbc":
         print(bbc_markdown(run_bbc(args.budget, args.seeds, args.probe_budget, args.limit)))
+    elif args.what == "bbc-report":
+        print(bbc_markdown(report_bbc(args.budget)))
     elif args.what == "synthetic":
         out = run_synthetic(max(args.seeds, 5))
         plot_synthetic(out, BENCH / "bandit-regret.png")

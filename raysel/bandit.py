@@ -16,8 +16,8 @@ The policies are plain Python, seeded, with `propose()` / `update()` / `state_di
                     w = 1 - d / radius (Quad) or w = 1 (EQUAL).
     EXP3SPolicy     p_k = (1 - gamma) w_k / sum_j w_j + gamma / K (LEAD, arXiv 2505.07437; Exp3.S of Auer et
                     al. 2002): n arms are drawn from p without replacement; the played arm's weight grows by
-                    exp(gamma r_hat / K) with r_hat = r / min(1, n p_k), and every weight gets
-                    (e mix / K) sum_j w_j, which lets a forgotten arm come back.
+                    exp(eta r_hat) with r_hat = r / min(1, n p_k) and eta = gamma / K unless set, and every
+                    weight gets (e mix / K) sum_j w_j, which lets a forgotten arm come back.
     ThompsonPolicy  Gaussian Thompson sampling: a N(0, prior_std^2) prior on each arm's mean reward and
                     N(mean, noise_std^2) rewards; the n arms with the largest posterior draws. Credits neighbours
                     like UCB.
@@ -166,6 +166,7 @@ class EXP3SPolicy:
         gamma: the share of uniform exploration in p, in (0, 1].
         mix: Exp3.S's alpha: how much of the total weight every arm receives each update (tracks a best arm
             that changes over time).
+        eta: the learning rate of the weights (None: gamma / K, Exp3.S's own).
         seed: seeds the draws.
 
     Example:
@@ -175,11 +176,14 @@ class EXP3SPolicy:
         >>> exp3.probabilities().round(3)    # doctest: +SKIP
     """
 
-    def __init__(self, n_arms: int, *, gamma: float = 0.1, mix: float = 0.01, seed: int = 0) -> None:
+    def __init__(
+        self, n_arms: int, *, gamma: float = 0.1, mix: float = 0.01, eta: float | None = None, seed: int = 0
+    ) -> None:
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
         self.n_arms = n_arms
         self.gamma = gamma
+        self.eta = gamma / n_arms if eta is None else eta
         self.mix = mix
         self.log_weights = np.zeros(n_arms)
         self.rng = np.random.default_rng(seed)
@@ -213,10 +217,10 @@ class EXP3SPolicy:
         x_hat = np.zeros(k)
         for a, r in zip(arms, rewards, strict=True):
             x_hat[int(a)] = float(r) / min(1.0, self.last_n * probs[int(a)])
-        # w_k <- w_k exp(gamma x_hat_k / K) + (e mix / K) sum_j w_j, in logs shifted by the max: no overflow.
+        # w_k <- w_k exp(eta x_hat_k) + (e mix / K) sum_j w_j, in logs shifted by the max: no overflow.
         top = self.log_weights.max()
         w = np.exp(self.log_weights - top)
-        new = w * np.exp(self.gamma * x_hat / k) + math.e * self.mix / k * w.sum()
+        new = w * np.exp(np.minimum(self.eta * x_hat, 700.0)) + math.e * self.mix / k * w.sum()
         self.log_weights = np.log(new) + top
         self.log_weights -= self.log_weights.max()
         self.last_probs = None
@@ -603,6 +607,7 @@ class BanditParams(BaseModel):
     radius: float = Field(0.5, ge=0, description="centroid distance (unit vectors) within which arms share")
     gamma: float = Field(0.1, gt=0, le=1, description="exp3s: uniform exploration share")
     mix: float = Field(0.01, ge=0, description="exp3s: Exp3.S weight sharing (alpha in Auer et al.)")
+    eta: float | None = Field(None, gt=0, description="exp3s: weight learning rate; default gamma / K")
     prior_std: float = Field(1.0, gt=0, description="thompson: prior std of an arm's mean reward")
     noise_std: float = Field(1.0, gt=0, description="thompson: std of a round's reward")
     allocate: Literal["estimate", "plays"] = "estimate"
@@ -713,7 +718,7 @@ class BanditPolicy(Policy):
     def _policy(self, params: BanditParams, k: int, centroids: np.ndarray) -> UCBPolicy | EXP3SPolicy | ThompsonPolicy:
         seed = self.config.seed
         if params.algorithm == "exp3s":
-            return EXP3SPolicy(k, gamma=params.gamma, mix=params.mix, seed=seed)
+            return EXP3SPolicy(k, gamma=params.gamma, mix=params.mix, eta=params.eta, seed=seed)
         share = neighbour_weights(centroids, params.radius, params.share)
         if params.algorithm == "thompson":
             return ThompsonPolicy(k, prior_std=params.prior_std, noise_std=params.noise_std, share=share, seed=seed)
