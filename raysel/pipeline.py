@@ -170,7 +170,7 @@ def score_pass(config: RunConfig, files: list[InputFile]) -> tuple[str, str, dic
         ds = map_stage(ds, cls, cfg, stage_cpus, config=cfg, outputs=outputs)
     fs, path = rfs.resolve(scores_uri)
     ds.drop_columns(["text"]).write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
-    _, total = completed_rows(scores_uri)
+    total = rfs.parquet_rows(scores_uri)  # footers only: the driver's memory does not grow with the corpus
     rfs.write_text(rfs.join(base, "meta.json"), json.dumps({"key": key, "config": config.model_dump()}, indent=2))
     rfs.write_text(rfs.join(base, "_SUCCESS"), "")
     return scores_uri, key, {"reused": False, "resumed_rows": resumed, "scored_rows": total - resumed}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from raysel.config import StageConfig
@@ -15,11 +16,22 @@ IO_HEADROOM = 2 * IO_TASK_CPUS
 BATCHES_PER_CALL = 4
 
 
+# Nothing waits forever: an actor pool that cannot start (e.g. no node has the GPUs it asks for) fails after
+# this long, and so does a pipeline that makes no progress. Read once, here; override through the environment.
+ACTOR_START_TIMEOUT_S = float(os.environ.get("RAYSEL_ACTOR_START_TIMEOUT_S", 600))
+NO_PROGRESS_TIMEOUT_S = float(os.environ.get("RAYSEL_NO_PROGRESS_TIMEOUT_S", 1800))
+
+
 def init_ray(address: str | None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local one; set raysel's Ray Data limits."""
     import ray
+    from ray.data import DataContext
 
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=True, logging_level="WARNING")
+    ctx = DataContext.get_current()
+    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    ctx.execution_no_progress_timeout_s = NO_PROGRESS_TIMEOUT_S
 
 
 def fit_cpus(stages: list[StageConfig], total_cpus: float) -> list[float]:

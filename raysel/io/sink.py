@@ -100,11 +100,7 @@ class OutputSink:
         fs.create_dir(path, recursive=True)
         if ds is not None:
             ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": 0.25})
-        written = sum(
-            pq.ParquetFile(fs.open_input_file(info.path)).metadata.num_rows
-            for info in fs.get_file_info(pafs.FileSelector(path))
-            if info.path.endswith(".parquet")
-        )
+        written = rfs.parquet_rows(rfs.join(self.staging, "selected"))
         if written != expected_rows:
             raise SinkError(f"wrote {written} selected rows where {expected_rows} were chosen; not committing")
         return written

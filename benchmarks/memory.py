@@ -1,0 +1,167 @@
+"""Peak driver memory of pass 1 at 10k, 100k and 1M rows: it must not grow with the corpus.
+
+The driver only plans and watches the stream; rows, texts and embeddings stay in the workers and
+the object store. To make 1M rows feasible on 2 CPU cores, this runs pass 1 with tiny
+randomly-initialised local models (a 2-layer BERT encoder and a 2-layer Llama with the real
+tokenizers): the driver's memory does not depend on the models' size, only the run time does.
+The rows are short synthetic texts made from real BBC sentences, repeated and perturbed.
+
+    python benchmarks/memory.py [--sizes 10000 100000 1000000] [--out benchmarks/RESULTS.md]
+
+Each size runs in a fresh driver process (its own `ray.init`), so its peak RSS (ru_maxrss) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROWS_PER_FILE = 100_000
+
+
+def make_tiny_models(root: Path) -> tuple[Path, Path]:
+    """A 2-layer BERT (sentence-transformers mean pooling) and a 2-layer Llama, random weights, real tokenizers."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    from raysel.models import resolve_causal_lm, resolve_encoder
+
+    enc_dir, lm_dir = root / "tiny-encoder", root / "tiny-lm"
+    if not (enc_dir / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(resolve_encoder("minilm"))
+        BertModel(
+            BertConfig(
+                vocab_size=tok.vocab_size,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=512,
+            )
+        ).save_pretrained(enc_dir)
+        tok.save_pretrained(enc_dir)
+    if not (lm_dir / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(resolve_causal_lm("smollm2"))
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tok),
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=512,
+            )
+        ).save_pretrained(lm_dir)
+        tok.save_pretrained(lm_dir)
+    return enc_dir, lm_dir
+
+
+def make_corpus(root: Path, rows: int) -> Path:
+    from raysel.demo import bbc_articles
+
+    folder = root / f"corpus-{rows}"
+    if folder.exists():
+        return folder
+    sentences = [s.strip() for a in bbc_articles() for s in re.split(r"(?<=[.!?])\s+", a["text"]) if len(s) > 30]
+    rng = random.Random(0)
+    folder.mkdir(parents=True)
+    for start in range(0, rows, ROWS_PER_FILE):
+        with open(folder / f"part-{start // ROWS_PER_FILE:04d}.jsonl", "w") as f:
+            for _ in range(start, min(rows, start + ROWS_PER_FILE)):
+                words = rng.choice(sentences).split()
+                j = rng.randrange(len(words))
+                words[j] = f"{words[j]}{rng.randrange(1000)}"  # perturbed: no two rows alike
+                f.write(json.dumps({"text": " ".join(words[:24])}) + "\n")
+    return folder
+
+
+def measure(corpus: Path, enc: Path, lm: Path, work: Path) -> dict:
+    """Runs in a fresh process: pass 1 only; returns seconds and the driver's peak RSS."""
+    import resource
+
+    from raysel._internal.ray_stage import init_ray
+    from raysel.config import parse_config
+    from raysel.io.read import list_input
+    from raysel.pipeline import score_pass
+
+    cfg = parse_config(
+        {
+            "input": {"path": str(corpus)},
+            "output": {"path": str(work / "out")},
+            "embed": {"model": str(enc), "batch_size": 256, "max_tokens": 32},
+            "scorers": [{"name": "entropy", "model": str(lm), "batch_size": 128, "max_tokens": 32}],
+            "select": {"budget": 0.1},
+            "work_dir": str(work),
+        }
+    )
+    files = list_input(cfg.input)
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    init_ray(None)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    _, _, info = score_pass(cfg, files)
+    seconds = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "seconds": round(seconds, 1),
+        "rows": info["scored_rows"],
+        "peak_rss_mib": round(peak_kib / 1024, 1),
+        "rss_at_start_mib": round(rss_before / 1024, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "raysel-memory-bench"))
+    parser.add_argument("--out", help="append the Markdown table to this file")
+    parser.add_argument("--_one", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._one:
+        corpus, enc, lm, work = map(Path, args._one)
+        print(json.dumps(measure(corpus, enc, lm, work)))
+        return
+
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    enc, lm = make_tiny_models(root)
+    results = []
+    for size in args.sizes:
+        corpus = make_corpus(root, size)
+        work = Path(tempfile.mkdtemp(prefix=f"work-{size}-", dir=root))
+        proc = subprocess.run(
+            [sys.executable, __file__, "--_one", str(corpus), str(enc), str(lm), str(work)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append((size, result))
+        print(size, result, flush=True)
+    lines = ["| rows | pass 1 seconds | rows/s | driver peak RSS (MiB) |", "| --- | --- | --- | --- |"]
+    for size, r in results:
+        lines.append(f"| {size:,} | {r['seconds']} | {r['rows'] / r['seconds']:.0f} | {r['peak_rss_mib']} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(f"\n`python benchmarks/memory.py {' '.join(sys.argv[1:])}`\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
