@@ -1,0 +1,135 @@
+"""A real multi-node Ray cluster on this one machine: a head and worker nodes on 127.0.0.x loopback addresses.
+
+Each node is a `ray start --block` process of its own (its raylet, object store and workers), so a test
+can kill one node's raylet by PID as a lost machine would lose it. Ports are picked free, outside
+10002-19999 (the range Ray's defaults use); token auth follows ~/.ray/auth_token as every Ray process does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if not 10002 <= port <= 19999:
+            return port
+    raise RuntimeError("no free port outside 10002-19999")
+
+
+class LocalCluster:
+    def __init__(self, root: Path, *, worker_cpus: tuple[int, ...] = (2, 2), head_cpus: int = 0) -> None:
+        self.root = root
+        self.head_ip = "127.0.0.2"
+        self.port = _free_port()
+        self.address = f"{self.head_ip}:{self.port}"
+        self.worker_cpus = worker_cpus
+        self.head_cpus = head_cpus
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.ray = str(Path(sys.executable).with_name("ray"))
+        # Nodes and drivers must agree on auth; a driver joining by address does not turn token auth on by itself.
+        self.env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
+
+    def _start_node(self, ip: str, cpus: int, head: bool) -> None:
+        cmd = [
+            self.ray,
+            "start",
+            "--block",
+            f"--node-ip-address={ip}",
+            f"--num-cpus={cpus}",
+            f"--node-manager-port={_free_port()}",
+            f"--object-manager-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            "--disable-usage-stats",
+            "--object-store-memory=200000000",
+        ]
+        if head:
+            cmd += [
+                "--head",
+                f"--port={self.port}",
+                "--include-dashboard=false",
+                f"--ray-client-server-port={_free_port()}",
+                f"--temp-dir={self.root / 'ray'}",
+            ]
+        else:
+            cmd += [f"--address={self.address}"]
+        log = open(self.root / f"node-{ip}.log", "ab")
+        self.nodes[ip] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
+        )
+
+    def start(self, timeout: float = 180, attempts: int = 3) -> None:
+        """Start the head, then each worker in turn. `ray start` gives a raylet a fixed 30 s to register, which a
+        loaded machine can miss: a node whose start failed is started again."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        nodes = [(self.head_ip, self.head_cpus, True)] + [
+            (f"127.0.0.{3 + i}", cpus, False) for i, cpus in enumerate(self.worker_cpus)
+        ]
+        for count, (ip, cpus, head) in enumerate(nodes, start=1):
+            for attempt in range(attempts):
+                self._start_node(ip, cpus, head=head)
+                if self._wait_nodes(count, timeout, self.nodes[ip]):
+                    break
+                if attempt == attempts - 1:
+                    raise RuntimeError(f"node {ip} did not join in {attempts} tries; logs in {self.root}")
+
+    def _wait_nodes(self, count: int, timeout: float, node: subprocess.Popen) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and node.poll() is None:
+            probe = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import ray; ray.init(address='{self.address}', logging_level='ERROR');"
+                    "print(sum(n['Alive'] for n in ray.nodes()))",
+                ],
+                capture_output=True,
+                text=True,
+                env=self.env,
+            )
+            if probe.returncode == 0 and probe.stdout.strip().splitlines()[-1:] == [str(count)]:
+                return True
+            time.sleep(1)
+        return False
+
+    def raylet_pid(self, ip: str) -> int:
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if "raylet" in (proc.info["name"] or "") and f"--node_ip_address={ip}" in cmdline:
+                return proc.pid
+        raise LookupError(f"no raylet for {ip}")
+
+    def kill_node(self, ip: str) -> None:
+        """SIGKILL the node's raylet, as a lost machine would lose it; the head notices in ~15 s."""
+        os.kill(self.raylet_pid(ip), signal.SIGKILL)
+
+    def stop(self) -> None:
+        for proc in self.nodes.values():
+            try:
+                group = os.getpgid(proc.pid)
+            except ProcessLookupError:
+                continue
+            for p in psutil.process_iter():  # every process the node started is in its session
+                try:
+                    if os.getpgid(p.pid) == group or os.getsid(p.pid) == group:
+                        p.kill()
+                except (ProcessLookupError, psutil.Error):
+                    pass
+        for proc in self.nodes.values():
+            proc.wait(30)
+        shutil.rmtree(self.root / "ray", ignore_errors=True)
