@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-deps lint bench clean
 
 install: $(STAMP)
 
@@ -22,7 +22,14 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/raysel demo
 
-test: install
+# The report test opens report.html in headless Chromium (a Debian package, not a PyPI one).
+test-deps:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (echo "installing chromium for the report test"; apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	  (echo "chromium is missing: sudo apt-get install -y chromium chromium-driver" >&2; exit 1)
+
+test: install test-deps
 	$(BIN)/python -m pytest -q -ra tests
 
 lint: install
