@@ -55,6 +55,7 @@ def free_port() -> int:
 
 def start_server(config_path: Path, port: int, log_path: Path, timeout_s: float) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_agent_register_timeout_ms"] = "180000"  # a busy machine can start Ray's agent slowly
     raysel = Path(sys.executable).parent / "raysel"
     cmd = [str(raysel), "serve", "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)

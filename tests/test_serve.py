@@ -269,6 +269,7 @@ def server(tmp_path_factory):
     (tmp / "serve.yaml").write_text(yaml.safe_dump(CONFIG))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, not a test session's
+    env["RAY_agent_register_timeout_ms"] = "180000"  # a busy machine can start Ray's agent slowly
     log = open(tmp / "serve.log", "w")
     # fmt: off
     proc = subprocess.Popen(
