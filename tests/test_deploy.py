@@ -221,6 +221,8 @@ def check_cluster_shape(spec: dict) -> None:
             assert any(t["key"] == "nvidia.com/gpu" for t in tolerations), "GPU pods must tolerate the GPU taint"
         # Requests equal to limits: Ray schedules on what the pod is promised, not on what it may burst to.
         assert c["resources"]["requests"] == c["resources"]["limits"]
+    # The dashboard accepts jobs (runs code) and Serve configs: token auth, with KubeRay holding the token.
+    assert spec["authOptions"] == {"mode": "token"}
     head_params = spec["headGroupSpec"]["rayStartParams"]
     assert head_params.get("num-cpus") == "0", "the head runs the driver only; work goes to the workers"
     for c in ray_containers(spec):
