@@ -230,6 +230,10 @@ def parse_request(body: bytes, config: ServeConfig) -> tuple[list[str], list[str
             raise RequestError(422, f'"texts[{i}]" must be a string, got {_kind(text)}')
         if len(text) > limits.max_chars:
             raise RequestError(413, f'"texts[{i}]" has {len(text)} characters; the limit is {limits.max_chars}')
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(422, f'"texts[{i}]" is not valid Unicode (a lone surrogate escape)') from None
     scorers = payload.get("scorers", config.served)
     if not isinstance(scorers, list) or not all(isinstance(s, str) for s in scorers):
         raise RequestError(422, f'"scorers" must be a list of scorer names, got {_kind(scorers)}')

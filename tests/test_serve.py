@@ -131,6 +131,7 @@ SMALL = parse_serve_config(CONFIG)
         (b'{"texts": "one"}', 422, '"texts" must be a list of strings, got a string'),
         (b'{"texts": ["a", 7]}', 422, '"texts[1]" must be a string, got a number'),
         (b'{"texts": []}', 422, '"texts" is empty'),
+        (b'{"texts": ["ok", "\\ud800"]}', 422, '"texts[1]" is not valid Unicode'),
         (b'{"texts": ["a"], "scorers": "loss"}', 422, '"scorers" must be a list'),
         (b'{"texts": ["a"], "scorers": []}', 422, '"scorers" is empty'),
         (b'{"texts": ["a"], "model": "/etc/passwd"}', 422, "unknown field(s) ['model']"),
