@@ -370,3 +370,13 @@ def test_the_service_still_scores_after_bad_requests(server):
 def test_scorer_config_is_the_run_configs_own():
     """A serve config's scorer sections are run-config `ScorerConfig`s: a section copied from a run config works."""
     assert parse_serve_config(CONFIG).scorers[1] == ScorerConfig(name="loss", max_tokens=16, batch_size=8, actors=3)
+
+
+def test_raysel_serve_refuses_a_bad_config_before_starting_ray(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("replicas: {min: 3, max: 1}\n")
+    result = subprocess.run(
+        [str(BIN / "raysel"), "serve", "--config", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert "invalid serve config" in result.stderr and "replicas: min (3) must be <= max (1)" in result.stderr
