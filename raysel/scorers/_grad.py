@@ -15,7 +15,7 @@ Random projection (Johnson–Lindenstrauss)
     seed gives the same P however the work is chunked. Bound (Achlioptas 2003, Thm 1.1, for both kinds,
     applied to u ± v): for fixed unit vectors u, v,
         P( |⟨Pu, Pv⟩ − ⟨u, v⟩| > ε ) ≤ 4 · exp(−d (ε²/2 − ε³/3) / 2).
-    For d = 8192 and ε = 0.1 that is 4 · e^−18.1 ≈ 6e-8 per pair.
+    For d = 8192 and ε = 0.1 that is 4 · e^−19.1 ≈ 2e-8 per pair.
 
 EL2N (Paul et al. 2021)
     ‖softmax(f(x)) − onehot(y)‖₂: 0 for a confident correct prediction, √((C−1)/C) for a uniform one,

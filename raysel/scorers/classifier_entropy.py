@@ -88,6 +88,11 @@ class ClassifierEntropyScorer:
         proxy: ProxySettings = ProxySettings()
 
     @classmethod
+    def needs_labels(cls, config: ScorerConfig) -> bool:
+        """Whether this scorer, so configured, needs `input.label_field` (for a config-load cross-check)."""
+        return config.typed_params().classifier == "proxy"
+
+    @classmethod
     def prepare(cls, config: ScorerConfig, context) -> dict:
         """Train (or load) the proxy, or read the user's classifier file; hand its weights to every actor."""
         params = config.typed_params()

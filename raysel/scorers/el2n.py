@@ -57,6 +57,11 @@ class EL2NScorer:
             return epoch
 
     @classmethod
+    def needs_labels(cls, config: ScorerConfig) -> bool:
+        """Whether this scorer, so configured, needs `input.label_field` (for a config-load cross-check)."""
+        return True
+
+    @classmethod
     def prepare(cls, config: ScorerConfig, context) -> dict:
         """Train (or load) the proxy's replicates and hand each actor the checkpoint it scores with."""
         params = config.typed_params()

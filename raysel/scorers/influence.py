@@ -185,6 +185,11 @@ class InfluenceScorer:
         proxy: ProxySettings = ProxySettings()
 
     @classmethod
+    def needs_labels(cls, config: ScorerConfig) -> bool:
+        """Whether this scorer, so configured, needs `input.label_field` (for a config-load cross-check)."""
+        return True
+
+    @classmethod
     def prepare(cls, config: ScorerConfig, context) -> dict:
         """Train (or load) the proxy and embed the target set."""
         params = config.typed_params()

@@ -112,6 +112,11 @@ class VoGScorer:
             return proxy
 
     @classmethod
+    def needs_labels(cls, config: ScorerConfig) -> bool:
+        """Whether this scorer, so configured, needs `input.label_field` (for a config-load cross-check)."""
+        return True
+
+    @classmethod
     def prepare(cls, config: ScorerConfig, context) -> dict:
         """Train (or load) the proxy; measure the class means and deviations of raw VoG on its sample."""
         params = config.typed_params()

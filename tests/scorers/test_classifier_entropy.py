@@ -101,3 +101,14 @@ def test_bad_classifier_files_are_config_errors(tmp_path):
     for name, message in cases.items():
         with pytest.raises(ConfigError, match=message):
             load_classifier(str(tmp_path / name), ProxySettings(), None, "classifier_entropy")
+
+
+def test_only_the_proxy_needs_labels():
+    from raysel.scorers import SCORERS
+
+    assert ClassifierEntropyScorer.needs_labels(CONFIG)
+    assert not ClassifierEntropyScorer.needs_labels(
+        ScorerConfig(name="classifier_entropy", params={"classifier": "head.npz"})
+    )
+    for name in ("el2n", "vog"):
+        assert SCORERS[name].needs_labels(ScorerConfig(name=name))
