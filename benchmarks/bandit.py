@@ -32,6 +32,7 @@ Writes JSON results under $RAYSEL_BENCH_DIR (default /tmp/raysel-bench-bandit) a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -152,7 +153,11 @@ def run_bbc(budget: float, seeds: int, probe_budget: float, limit: int | None = 
         topic = TARGET_TOPICS[seed % len(TARGET_TOPICS)]
         rng = random.Random(seed)
         others = [r for r in reservoir if r["topic"] == topic and r["id"] not in seed_ids]
-        target_path = _write_jsonl(root / f"target-{seed}.jsonl", rng.sample(others, 20))
+        target = rng.sample(others, 20)
+        # the file's name carries its content's hash: the rescore pass keys the influence scores by the
+        # target's path, so a rewritten file under an old name would reuse stale scores
+        digest = hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest()[:8]
+        target_path = _write_jsonl(root / f"target-{seed}-{topic}-{digest}.jsonl", target)
         influence = {"name": "influence", "params": {"target": str(target_path), "proxy": {"seed": seed}}}
         base = {
             "input": {"path": str(pool_path), "id_field": "id", "label_field": "topic"},
