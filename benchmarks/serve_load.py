@@ -3,7 +3,8 @@
 Starts `raysel serve` (its own local Ray cluster, 127.0.0.1, a free port) unless --url names a running one,
 then acts as the client from this separate process: for each concurrency level, that many threads (one
 keep-alive connection each) send a fixed number of POST /v1/score requests of real BBC text, under a time
-limit. Exits non-zero if any request failed or a level ran out of time.
+limit (no request starts after it; each request times out at it). Exits non-zero if any request failed or
+was not sent in time.
 
     .venv/bin/python benchmarks/serve_load.py                          # 1, 8, 32 clients
     .venv/bin/python benchmarks/serve_load.py --concurrency 1 8 --requests 40 80
