@@ -739,7 +739,7 @@ class BanditPolicy(Policy):
         digest.update("\n".join(map(str, candidates.ids)).encode())
         digest.update(np.ascontiguousarray(candidates.cluster, dtype=np.int64).tobytes())
         settings = {"round_settings": params.round_settings(), "seed": self.config.seed}
-        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        digest.update(rfs.settings_digest(settings).encode())  # files the probe names count by content
         return digest.hexdigest()[:16]
 
     def _rounds(self, run: BanditRun, state_uri: str, make_probe: Any) -> dict[str, Any]:

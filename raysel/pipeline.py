@@ -42,7 +42,6 @@ from raysel.select import POLICIES, Candidates, budget_rows
 
 # Bump when a change to reading or scoring changes what pass 1 writes: old shards are then not reused.
 SCORES_FORMAT = 1
-_FINGERPRINT_BYTES = 1 << 20
 
 
 @dataclass
@@ -112,7 +111,7 @@ def score_key(config: RunConfig, files: list[InputFile]) -> str:
     scorer_settings = [s.model_dump(include={"name", "model", "max_tokens", "device", "params"}) for s in text_scorers]
     key = {
         "format": SCORES_FORMAT,
-        "files": [(f.rel, f.size, _content_fingerprint(f)) for f in files],
+        "files": [(f.rel, f.size, rfs.fingerprint(f.uri)) for f in files],
         "input": config.input.model_dump(exclude={"path"}),
         "embed": config.embed.model_dump(include={"model", "max_tokens", "device"}),
         "embed_model": model_fingerprint(config.embed.model, "encoder"),
@@ -120,18 +119,6 @@ def score_key(config: RunConfig, files: list[InputFile]) -> str:
         "scorer_models": sorted({model_fingerprint(s.model, "causal_lm") for s in text_scorers}),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _content_fingerprint(f: InputFile) -> str:
-    """A hash of the file's first and last MiB and its size: cheap on a TB corpus, and it sees most edits."""
-    fs, path = rfs.resolve(f.uri)
-    digest = hashlib.sha256(str(f.size).encode())
-    with fs.open_input_file(path) as handle:
-        digest.update(handle.read(_FINGERPRINT_BYTES))
-        if f.size > 2 * _FINGERPRINT_BYTES:
-            handle.seek(f.size - _FINGERPRINT_BYTES)
-            digest.update(handle.read(_FINGERPRINT_BYTES))
-    return digest.hexdigest()[:16]
 
 
 def scorer_stages(scorers: list[ScorerConfig], inputs: str) -> list[tuple[type, ScorerConfig, tuple[str, ...]]]:
@@ -207,7 +194,7 @@ def rescore_pass(config: RunConfig, files: list[InputFile], scores_uri: str, key
     if not stages:
         return scores_uri
     settings = [cfg.model_dump(exclude={"actors", "resources", "threads", "batch_size"}) for _, cfg, _ in stages]
-    rkey = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    rkey = rfs.settings_digest(settings)  # a target file rewritten under the same name is a new key
     base = rfs.join(rfs.join(config.resolved_work_dir(), key), f"rescored-{rkey}")
     out_uri = rfs.join(base, "scores")
     if rfs.exists(rfs.join(base, "_SUCCESS")):
