@@ -20,6 +20,11 @@ BATCHES_PER_CALL = 4
 # this long, and so does a pipeline that makes no progress. Read once, here; override through the environment.
 ACTOR_START_TIMEOUT_S = float(os.environ.get("RAYSEL_ACTOR_START_TIMEOUT_S", 600))
 NO_PROGRESS_TIMEOUT_S = float(os.environ.get("RAYSEL_NO_PROGRESS_TIMEOUT_S", 1800))
+# Ray Data merges a stage's output batches into blocks of up to 128 MiB; text rows with an embedding are
+# ~2 KiB, so that would hand the next stage (and the shard writer) tens of thousands of rows at once. Small
+# blocks keep the stream moving: the LM stage starts after the embedder's first few batches, progress bars
+# move block by block, and an interrupted pass 1 loses at most a block of work.
+TARGET_BLOCK_BYTES = int(os.environ.get("RAYSEL_TARGET_BLOCK_BYTES", 1 << 20))
 
 
 def init_ray(address: str | None) -> None:
@@ -32,6 +37,7 @@ def init_ray(address: str | None) -> None:
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     ctx.execution_no_progress_timeout_s = NO_PROGRESS_TIMEOUT_S
+    ctx.target_max_block_size = TARGET_BLOCK_BYTES
 
 
 def fit_cpus(stages: list[StageConfig], total_cpus: float) -> list[float]:
