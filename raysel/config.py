@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raysel.errors import ConfigError
 
@@ -122,6 +122,16 @@ class ScorerConfig(StageConfig):
         return tuple(sorted((k, repr(v)) for k, v in self.model_dump().items() if k != "name"))
 
 
+def _expand_scorer_names(scorers: Any) -> Any:
+    """The `scorers: [entropy, loss]` shorthand: a bare name stands for {name: that name}."""
+    if isinstance(scorers, list):
+        return [{"name": s} if isinstance(s, str) else s for s in scorers]
+    return scorers
+
+
+ScorerList = Annotated[list[ScorerConfig], BeforeValidator(_expand_scorer_names)]
+
+
 class ClusterConfig(_Frozen):
     k: int = Field(64, ge=1, description="number of k-means clusters (capped at the number of usable rows)")
     sample: int = Field(100_000, ge=1, description="embeddings k-means trains on")
@@ -213,20 +223,13 @@ class RunConfig(_Frozen):
     input: InputConfig
     output: OutputConfig
     embed: EmbedConfig = EmbedConfig()
-    scorers: list[ScorerConfig] = Field(
+    scorers: ScorerList = Field(
         default_factory=lambda: [ScorerConfig(name="entropy"), ScorerConfig(name="loss")]
     )
     cluster: ClusterConfig = ClusterConfig()
     select: SelectConfig
     work_dir: str | None = Field(None, description="where scores and clusters are kept for reuse; default: cache")
     ray: RayConfig = RayConfig()
-
-    @field_validator("scorers", mode="before")
-    @classmethod
-    def _names_as_scorers(cls, scorers: Any) -> Any:
-        if isinstance(scorers, list):
-            return [{"name": s} if isinstance(s, str) else s for s in scorers]
-        return scorers
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

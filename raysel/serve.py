@@ -44,7 +44,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from ray import serve
 
-from raysel.config import EmbedConfig, Resources, ScorerConfig, _format_errors, _Frozen
+from raysel.config import EmbedConfig, Resources, ScorerConfig, ScorerList, _format_errors, _Frozen
 from raysel.errors import ConfigError, RayselError
 
 APP_NAME = "raysel"
@@ -98,20 +98,13 @@ class ServeConfig(_Frozen):
         ['entropy', 'loss', 'embedding']
     """
 
-    scorers: list[ScorerConfig] = Field(
+    scorers: ScorerList = Field(
         default_factory=lambda: [ScorerConfig(name="entropy"), ScorerConfig(name="loss")]
     )
     embed: EmbedConfig | None = Field(EmbedConfig(), description="serves `embedding` when set; null turns it off")
     limits: Limits = Limits()
     batching: Batching = Batching()
     replicas: Replicas = Replicas()
-
-    @field_validator("scorers", mode="before")
-    @classmethod
-    def _names_as_scorers(cls, scorers: Any) -> Any:
-        if isinstance(scorers, list):
-            return [{"name": s} if isinstance(s, str) else s for s in scorers]
-        return scorers
 
     @field_validator("scorers")
     @classmethod
