@@ -40,13 +40,13 @@ class RunContext:
 
 
 def sample_rows(scores_uri: str, columns: list[str], size: int, seed: int) -> dict[str, np.ndarray]:
-    import ray
 
-    fs, path = rfs.resolve(scores_uri)
+    from raysel._internal.ray_stage import read_shards
+
     wanted = list(dict.fromkeys(["id", "reason", *columns]))
     keys = np.empty(0, dtype=np.uint64)
     kept: dict[str, np.ndarray] = {}
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=wanted)
+    ds = read_shards(scores_uri, columns=wanted)
     for batch in ds.iter_batches(batch_format="numpy", batch_size=16384):
         usable = batch["reason"] == ""
         if not usable.any():

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysel import __version__
-from raysel._internal.ray_stage import IO_TASK_CPUS, fit_cpus, init_ray, map_stage
+from raysel._internal.ray_stage import IO_TASK_CPUS, fit_cpus, init_ray, map_stage, read_shards
 from raysel.cluster import ClusterAssigner, train_centroids
 from raysel.config import RunConfig, ScorerConfig
 from raysel.context import RunContext, sample_rows
@@ -202,8 +202,7 @@ def rescore_pass(config: RunConfig, files: list[InputFile], scores_uri: str, key
     rfs.delete_dir(out_uri)
     context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), key), files)
     cpus = fit_cpus([cfg for _, cfg, _ in stages], ray.cluster_resources().get("CPU", 1.0))
-    fs, path = rfs.resolve(scores_uri)
-    ds = ray.data.read_parquet(path, filesystem=fs)
+    ds = read_shards(scores_uri)
     for (cls, cfg, outputs), stage_cpus in zip(stages, cpus, strict=True):
         prepared = cls.prepare(cfg, context) if hasattr(cls, "prepare") else None
         ds = map_stage(ds, cls, cfg, stage_cpus, config=cfg, outputs=outputs, prepared=prepared)
@@ -249,10 +248,8 @@ def cluster_pass(config: RunConfig, scores_uri: str, key: str) -> tuple[np.ndarr
 
 def collect_rows(config: RunConfig, scores_uri: str, centroids: np.ndarray) -> pa.Table:
     """Every row's id, provenance, scores and cluster (no text, no embedding) on the driver, sorted by id."""
-    import ray
 
-    fs, path = rfs.resolve(scores_uri)
-    ds = ray.data.read_parquet(path, filesystem=fs)
+    ds = read_shards(scores_uri)
     ds = ds.map_batches(_assign, fn_kwargs={"centroids": centroids}, batch_format="numpy", num_cpus=IO_TASK_CPUS)
     tables = [t for t in ds.drop_columns(["embedding"]).iter_batches(batch_format="pyarrow", batch_size=None)]
     table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})

@@ -12,23 +12,20 @@ from raysel.pipeline import run
 from tests.conftest import BAD_LINES, bbc_sample, write_jsonl
 
 PROXY = {"hidden": 16, "epochs": 4}
-# Ray 2.60's read_parquet lists files in a task that takes one whole CPU, and the scored-shard pass reads
-# Parquet while its actor pools hold their CPUs: four pools scaled to fill a 2-CPU cluster would leave it
-# 0.5 CPU and the run would wait forever. A quarter CPU each leaves it room.
-SMALL = {"cpus": 0.25}
+# Default reservations on purpose: four pools scaled to fill the 2-CPU cluster. The scored-shard pass must
+# still read its shards (it once waited forever here on a read task that wanted a whole CPU).
 
 
 def _config(root, corpus, target, label_field="topic", work="work", lm=True):
     scorers = [
-        {"name": "el2n", "params": {"replicates": 2, "proxy": PROXY}, "resources": SMALL},
-        {"name": "vog", "params": {"proxy": PROXY}, "resources": SMALL},
+        {"name": "el2n", "params": {"replicates": 2, "proxy": PROXY}},
+        {"name": "vog", "params": {"proxy": PROXY}},
         {
             "name": "influence",
             "params": {"target": str(target), "dim": 512, "proxy": PROXY},
             "batch_size": 8,
-            "resources": SMALL,
         },
-        {"name": "classifier_entropy", "params": {"proxy": PROXY}, "resources": SMALL},
+        {"name": "classifier_entropy", "params": {"proxy": PROXY}},
     ]
     if lm:
         scorers.append({"name": "el2n_lm", "max_tokens": 16, "batch_size": 8})
