@@ -236,6 +236,14 @@ class RunConfig(_Frozen):
         names = [s.name for s in self.scorers]
         if len(set(names)) != len(names):
             raise ValueError(f"scorers: each scorer may appear once, got {names}")
+        from raysel.scorers import SCORERS
+
+        for i, s in enumerate(self.scorers):
+            needs_labels = getattr(SCORERS[s.name], "needs_labels", None)
+            if needs_labels is not None and needs_labels(s) and self.input.label_field is None:
+                raise ValueError(
+                    f"scorers[{i}] ({s.name}): trains on labels; set input.label_field to the column holding them"
+                )
         from raysel.select import POLICIES
 
         if POLICIES[self.select.policy].needs_score:

@@ -38,6 +38,8 @@ def test_scorer_names_become_scorer_configs():
         ({"embed": {"device": "cuda"}}, "device: cuda needs `resources.gpus` > 0"),
         ({"cluster": {"k": 4, "typo": 1}}, "cluster.typo: Extra inputs are not permitted"),
         ({"select": {"budget": 0.1, "params": {"nope": 1}}}, "params.nope: Extra inputs are not permitted"),
+        ({"scorers": ["el2n"], "select": {"budget": 0.1, "score": "el2n"}},
+         "scorers[0] (el2n): trains on labels; set input.label_field"),
     ],
 )
 def test_errors_name_the_field(patch, message):
