@@ -146,7 +146,8 @@ def ray_head(s3):
     The node's environment holds the S3 credentials, as a RayJob pod's does from its Secret."""
     temp_dir = tempfile.mkdtemp(prefix="rsj", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     gcs, dash, client, agent, agent_grpc, runtime_env, metrics, node_mgr, obj_mgr = free_ports(9)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # The submitter starts clean of Ray and AWS settings (another fixture may have exported a store's).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the node finds `raysel` as it would in the image
         RAY_AUTH_MODE="token",
