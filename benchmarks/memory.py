@@ -27,6 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROWS_PER_FILE = 100_000
+# The LM stage's 49k-token vocabulary makes even a 2-layer LM slow (~55 rows/s here); `--no-lm` measures the
+# same driver with the embedding stage alone, which is what reaches 1M rows on 2 cores.
+WITH_LM = os.environ.get("RAYSEL_BENCH_LM", "1") == "1"
 
 
 def make_tiny_models(root: Path) -> tuple[Path, Path]:
@@ -130,8 +133,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "raysel-memory-bench"))
     parser.add_argument("--out", help="append the Markdown table to this file")
+    parser.add_argument("--no-lm", action="store_true", help="pass 1 with the embedding stage only (faster)")
     parser.add_argument("--_one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.no_lm:
+        os.environ["RAYSEL_BENCH_LM"] = "0"
     if args._one:
         corpus, enc, lm, work = map(Path, args._one)
         print(json.dumps(measure(corpus, enc, lm, work)))

@@ -17,7 +17,7 @@ VoG carries no information, so VoG asks for a hidden layer.
 W1ᵀ·diag(relu'(W1 x + b1))·W2[y], differs between the examples of a class only through their ReLU
 pattern, so its variance across checkpoints mostly tracks how the whole class's weights move; the
 log-probability's gradient also carries the example's own predicted distribution. See
-benchmarks/RESULTS-scorers.md for what each finds on real data.
+benchmarks/RESULTS.md (section 5) for what each finds on real data.
 """
 
 from __future__ import annotations
