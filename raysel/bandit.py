@@ -101,7 +101,30 @@ def _mask(available: np.ndarray | None, k: int) -> np.ndarray:
 # --- the policies --------------------------------------------------------------------------------------------
 
 
-class UCBPolicy:
+class _CreditedArms:
+    """Per-arm reward sums and counts, each reward also credited to neighbouring arms by `self.share` (row a:
+    the weight arm a's reward gives every arm). UCB and Thompson keep the same state and differ in `propose`."""
+
+    sums: np.ndarray
+    counts: np.ndarray
+    share: np.ndarray
+    rng: np.random.Generator
+
+    def update(self, arms: np.ndarray | list[int], rewards: np.ndarray | list[float]) -> None:
+        for a, r in zip(arms, rewards, strict=True):
+            self.sums += self.share[int(a)] * float(r)
+            self.counts += self.share[int(a)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self.sums.tolist(), "counts": self.counts.tolist(), "rng": _rng_state(self.rng)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums = np.asarray(state["sums"], dtype=np.float64)
+        self.counts = np.asarray(state["counts"], dtype=np.float64)
+        self.rng = _rng_from(state["rng"])
+
+
+class UCBPolicy(_CreditedArms):
     """UCB over K arms with neighbour reward sharing (Quad / EQUAL); see the module docstring for the formula.
 
     Args:
@@ -143,19 +166,6 @@ class UCBPolicy:
         tiebreak = self.rng.random(self.n_arms)
         order = np.lexsort((tiebreak, -self.scores()))
         return order[ok[order]][:n]
-
-    def update(self, arms: np.ndarray | list[int], rewards: np.ndarray | list[float]) -> None:
-        for a, r in zip(arms, rewards, strict=True):
-            self.sums += self.share[int(a)] * float(r)
-            self.counts += self.share[int(a)]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sums": self.sums.tolist(), "counts": self.counts.tolist(), "rng": _rng_state(self.rng)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums = np.asarray(state["sums"], dtype=np.float64)
-        self.counts = np.asarray(state["counts"], dtype=np.float64)
-        self.rng = _rng_from(state["rng"])
 
 
 class EXP3SPolicy:
@@ -240,7 +250,7 @@ class EXP3SPolicy:
         self.last_n = int(state.get("last_n", 1))
 
 
-class ThompsonPolicy:
+class ThompsonPolicy(_CreditedArms):
     """Gaussian Thompson sampling over K arms, with the same neighbour credit as UCB.
 
     Posterior of arm k after credited reward sum S_k and count C_k:
@@ -292,19 +302,6 @@ class ThompsonPolicy:
         draws = mean + std * self.rng.standard_normal(self.n_arms)
         order = np.argsort(-draws, kind="stable")
         return order[ok[order]][:n]
-
-    def update(self, arms: np.ndarray | list[int], rewards: np.ndarray | list[float]) -> None:
-        for a, r in zip(arms, rewards, strict=True):
-            self.sums += self.share[int(a)] * float(r)
-            self.counts += self.share[int(a)]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sums": self.sums.tolist(), "counts": self.counts.tolist(), "rng": _rng_state(self.rng)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums = np.asarray(state["sums"], dtype=np.float64)
-        self.counts = np.asarray(state["counts"], dtype=np.float64)
-        self.rng = _rng_from(state["rng"])
 
 
 # --- one run's rounds ----------------------------------------------------------------------------------------
