@@ -6,7 +6,7 @@ the scorer class called directly in-process (length-sorted batches, no Ray) for 
 pipeline is raysel's pass 1 restricted to one stage: a Ray Data read of a JSONL file through
 `CorpusReader`, then the stage's actor pool, on a local cluster with the same CPU count.
 
-    python benchmarks/throughput.py [--docs 1000] [--lm-docs 300] [--threads 2]
+    python benchmarks/throughput.py [--docs 1000] [--lm-docs 300] [--threads 2] [--pools 1x2 2x1]
 
 Prints a Markdown table; `--out FILE` appends it with the command to a results file.
 """
@@ -91,9 +91,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=1000, help="texts for the embedding stage")
     parser.add_argument("--lm-docs", type=int, default=300, help="texts for the LM stage")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, loop and actor alike")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the plain loop")
+    parser.add_argument(
+        "--pools",
+        nargs="+",
+        default=[f"1x{os.cpu_count()}", f"{os.cpu_count()}x1"],
+        help="pipeline pool shapes to measure, ACTORSxTHREADS each (default: one actor with every core's "
+        "thread, and one single-thread actor per core)",
+    )
     parser.add_argument("--out", help="append the Markdown table to this file")
     args = parser.parse_args()
+    pools = [tuple(int(x) for x in p.split("x")) for p in args.pools]
 
     import ray
     import torch
@@ -101,11 +109,15 @@ def main() -> None:
     from raysel.config import EmbedConfig, InputConfig, Resources, ScorerConfig
 
     torch.set_num_threads(args.threads)
-    embed_cfg = EmbedConfig(batch_size=64, max_tokens=128, threads=args.threads, resources=Resources(cpus=1))
-    lm_cfg = ScorerConfig(
-        name="entropy", batch_size=16, max_tokens=64, threads=args.threads, resources=Resources(cpus=1)
-    )
-    rows = {}
+
+    def embed_cfg(actors: int, threads: int) -> EmbedConfig:
+        return EmbedConfig(batch_size=64, max_tokens=128, actors=actors, threads=threads, resources=Resources(cpus=1))
+
+    def lm_cfg(actors: int, threads: int) -> ScorerConfig:
+        return ScorerConfig(
+            name="entropy", batch_size=16, max_tokens=64, actors=actors, threads=threads, resources=Resources(cpus=1)
+        )
+
     with tempfile.TemporaryDirectory() as tmp:
         docs = corpus(args.docs, 2000)
         path = Path(tmp) / "bench.jsonl"
@@ -115,25 +127,39 @@ def main() -> None:
         input_cfg = InputConfig(path=str(path), id_field="id")
         texts = [d["text"] for d in docs]
 
-        loop_embed = plain_embed(texts, embed_cfg)
-        loop_lm, loop_tokens = plain_lm(texts[: args.lm_docs], lm_cfg)
+        loop_embed = plain_embed(texts, embed_cfg(1, args.threads))
+        loop_lm, loop_tokens = plain_lm(texts[: args.lm_docs], lm_cfg(1, args.threads))
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
-        pipe_embed, _ = pipeline_stage(path, "embed", embed_cfg, input_cfg)
-        pipe_lm, pipe_tokens = pipeline_stage(lm_path, "lm", lm_cfg, input_cfg)
+        pipe = {}
+        for actors, threads in pools:
+            pipe[actors, threads] = (
+                pipeline_stage(path, "embed", embed_cfg(actors, threads), input_cfg)[0],
+                pipeline_stage(lm_path, "lm", lm_cfg(actors, threads), input_cfg),
+            )
         ray.shutdown()
 
-    rows["embedding (MiniLM, 128 tok)"] = (args.docs / loop_embed, args.docs / pipe_embed, "docs/s")
-    rows["LM entropy+loss (SmolLM2-135M, 64 tok)"] = (loop_tokens / loop_lm, pipe_tokens / pipe_lm, "tokens/s")
     lines = [
-        f"| stage | plain loop | pipeline | pipeline / loop |  ({os.cpu_count()} cores, {args.threads} torch threads)",
-        "| --- | --- | --- | --- |",
+        f"| stage | plain loop ({args.threads} threads) | pipeline pool | pipeline | pipeline / loop |"
+        f"  ({os.cpu_count()} cores)",
+        "| --- | --- | --- | --- | --- |",
     ]
-    for name, (loop, pipe, unit) in rows.items():
-        lines.append(f"| {name} | {loop:.1f} {unit} | {pipe:.1f} {unit} | {pipe / loop:.3f} |")
-    lines.append(f"\nLM docs/s: loop {args.lm_docs / loop_lm:.2f}, pipeline {args.lm_docs / pipe_lm:.2f}")
+    loop_rate = args.docs / loop_embed
+    for (actors, threads), (seconds, _) in pipe.items():
+        rate = args.docs / seconds
+        lines.append(
+            f"| embedding (MiniLM, 128 tok) | {loop_rate:.1f} docs/s | {actors} actor(s) × {threads} thread(s) "
+            f"| {rate:.1f} docs/s | {rate / loop_rate:.3f} |"
+        )
+    loop_rate = loop_tokens / loop_lm
+    for (actors, threads), (_, (seconds, tokens)) in pipe.items():
+        rate = tokens / seconds
+        lines.append(
+            f"| LM entropy+loss (SmolLM2-135M, 64 tok) | {loop_rate:.1f} tokens/s | {actors} actor(s) × "
+            f"{threads} thread(s) | {rate:.1f} tokens/s | {rate / loop_rate:.3f} |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.out:

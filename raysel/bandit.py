@@ -472,7 +472,9 @@ def load_state(uri: str) -> dict[str, Any] | None:
 class BanditAllocator:
     """Owns a run's `BanditRun` in one Ray actor and persists its state after every round.
 
-    A saved state at `state_uri` is loaded at start: the run continues from its last saved round.
+    A saved state at `state_uri` is loaded at start: the run continues from its last saved round. That
+    also makes the actor restartable: Ray restarts it after its node is lost, it reloads the last saved
+    round, and `record` (tagged with the round it answers) applies a retried call at most once.
     Start it with `BanditAllocator.start(run, state_uri)`, which returns the actor handle; the class
     itself is plain Python (tests call it directly).
 
@@ -480,6 +482,9 @@ class BanditAllocator:
         run: the fresh run (its arms, queues, policy and limits).
         state_uri: where the state is kept (local path or s3://).
     """
+
+    # A lost node restarts the actor and retries the call in flight; more losses than this in one run fail it.
+    MAX_RESTARTS = 3
 
     def __init__(self, run: BanditRun, state_uri: str) -> None:
         self.run = run
@@ -493,16 +498,25 @@ class BanditAllocator:
     @classmethod
     def start(cls, run: BanditRun, state_uri: str) -> Any:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        # The actor only does bookkeeping: it reserves no CPU, so it never starves the probe's scorer pool.
-        return ray.remote(num_cpus=0, max_restarts=0)(cls).remote(run, state_uri)
+        # The actor only does bookkeeping: it reserves no CPU, so it never starves the probe's scorer pool. It
+        # prefers the driver's node, whose loss ends the run anyway, over a worker node that may be lost alone.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        actor = ray.remote(
+            num_cpus=0, max_restarts=cls.MAX_RESTARTS, max_task_retries=cls.MAX_RESTARTS, scheduling_strategy=here
+        )(cls)
+        return actor.remote(run, state_uri)
 
-    def propose(self) -> dict[int, list[int]] | None:
-        return self.run.propose()
+    def propose(self) -> tuple[int, dict[int, list[int]] | None]:
+        """(the round, its proposal); the proposal is None when the run has stopped."""
+        return self.run.round, self.run.propose()
 
-    def record(self, proposal: dict[int, list[int]], scores: dict[int, list[float]]) -> int:
-        self.run.record(proposal, scores)
-        save_state(self.state_uri, self.run.state_dict())
+    def record(self, round_: int, proposal: dict[int, list[int]], scores: dict[int, list[float]]) -> int:
+        """Record round `round_`'s scores and save; a retry of a round already saved changes nothing."""
+        if round_ == self.run.round:
+            self.run.record(proposal, scores)
+            save_state(self.state_uri, self.run.state_dict())
         return self.run.round
 
     def summary(self) -> dict[str, Any]:
@@ -746,7 +760,8 @@ class BanditPolicy(Policy):
         allocator = BanditAllocator.start(run, state_uri)
         probe = None
         try:
-            while (proposal := ray.get(allocator.propose.remote())) is not None:
+            while True:
+                round_, proposal = ray.get(allocator.propose.remote())
                 if not proposal:
                     break
                 if probe is None:
@@ -757,7 +772,7 @@ class BanditPolicy(Policy):
                 for arm, ix in proposal.items():
                     by_arm[arm] = scores[start : start + len(ix)].tolist()
                     start += len(ix)
-                ray.get(allocator.record.remote(proposal, by_arm))
+                ray.get(allocator.record.remote(round_, proposal, by_arm))
             return ray.get(allocator.summary.remote())
         finally:
             if probe is not None:

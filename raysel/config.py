@@ -70,7 +70,6 @@ class InputConfig(_Frozen):
         200_000, gt=0, description="texts longer than this are cut before tokenizing; the ledger flags them"
     )
 
-
     @model_validator(mode="after")
     def _labels_need_field(self) -> InputConfig:
         if self.labels is not None and self.label_field is None:
@@ -223,9 +222,7 @@ class RunConfig(_Frozen):
     input: InputConfig
     output: OutputConfig
     embed: EmbedConfig = EmbedConfig()
-    scorers: ScorerList = Field(
-        default_factory=lambda: [ScorerConfig(name="entropy"), ScorerConfig(name="loss")]
-    )
+    scorers: ScorerList = Field(default_factory=lambda: [ScorerConfig(name="entropy"), ScorerConfig(name="loss")])
     cluster: ClusterConfig = ClusterConfig()
     select: SelectConfig
     work_dir: str | None = Field(None, description="where scores and clusters are kept for reuse; default: cache")

@@ -247,6 +247,8 @@ class ScorerHost:
         prepared: what the scorer's `prepare` returned (None without one).
     """
 
+    MAX_RESTARTS = 3
+
     def __init__(self, cls: type, config: ScorerConfig, prepared: Any = None) -> None:
         self.name = config.name
         self.scorer = cls(config, (config.name,), prepared)
@@ -284,7 +286,15 @@ class Probe:
         self.inputs = getattr(cls, "inputs", "text")
         prepared = cls.prepare(scorer, context) if hasattr(cls, "prepare") else None
         cpus = fit_cpus([scorer], ray.cluster_resources().get("CPU", 1.0))[0]
-        host = ray.remote(num_cpus=cpus, num_gpus=scorer.resources.gpus)(ScorerHost)
+        # Spread over nodes, restartable, calls retried: a lost node costs its actors a restart elsewhere and the
+        # calls in flight a retry (scoring is idempotent), not the run.
+        host = ray.remote(
+            num_cpus=cpus,
+            num_gpus=scorer.resources.gpus,
+            max_restarts=ScorerHost.MAX_RESTARTS,
+            max_task_retries=ScorerHost.MAX_RESTARTS,
+            scheduling_strategy="SPREAD",
+        )(ScorerHost)
         self.actors = [host.remote(cls, scorer, prepared) for _ in range(scorer.actors)]
         self.pool = ActorPool(self.actors)
         self.rows_scored = 0

@@ -98,9 +98,7 @@ class ServeConfig(_Frozen):
         ['entropy', 'loss', 'embedding']
     """
 
-    scorers: ScorerList = Field(
-        default_factory=lambda: [ScorerConfig(name="entropy"), ScorerConfig(name="loss")]
-    )
+    scorers: ScorerList = Field(default_factory=lambda: [ScorerConfig(name="entropy"), ScorerConfig(name="loss")])
     embed: EmbedConfig | None = Field(EmbedConfig(), description="serves `embedding` when set; null turns it off")
     limits: Limits = Limits()
     batching: Batching = Batching()

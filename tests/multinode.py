@@ -118,6 +118,17 @@ class LocalCluster:
         """SIGKILL the node's raylet, as a lost machine would lose it; the head notices in ~15 s."""
         os.kill(self.raylet_pid(ip), signal.SIGKILL)
 
+    def revive(self, ip: str, timeout: float = 180) -> None:
+        """Start the lost node `ip` again (a replacement machine joining), and wait until every node is alive."""
+        old = self.nodes[ip]
+        if old.poll() is None:
+            old.kill()
+            old.wait(30)
+        cpus = dict((f"127.0.0.{3 + i}", c) for i, c in enumerate(self.worker_cpus))[ip]
+        self._start_node(ip, cpus, head=False)
+        if not self._wait_nodes(1 + len(self.worker_cpus), timeout, self.nodes[ip]):
+            raise RuntimeError(f"node {ip} did not rejoin; logs in {self.root}")
+
     def stop(self) -> None:
         for proc in self.nodes.values():
             try:

@@ -202,8 +202,8 @@ def test_allocator_persists_every_round_and_resumes(tmp_path):
         return BanditRun(policy, queues, per_arm=2, arms_per_round=2, probe_limit=80, max_rounds=max_rounds)
 
     def drive(allocator):
-        while (p := allocator.propose()) is not None:
-            allocator.record(p, {a: [float(np.sin(i)) for i in v] for a, v in p.items()})
+        while (p := allocator.propose())[1] is not None:
+            allocator.record(*p, {a: [float(np.sin(i)) for i in v] for a, v in p[1].items()})
         return allocator.summary()
 
     straight = drive(BanditAllocator(fresh(6), str(tmp_path / "other.json")))
@@ -214,6 +214,24 @@ def test_allocator_persists_every_round_and_resumes(tmp_path):
     resumed = drive(again)
     assert resumed["state"] == straight["state"]
     assert first["state"]["history"] == straight["state"]["history"][:3]
+
+
+def test_allocator_applies_a_retried_round_once(tmp_path):
+    """A restarted actor reloads the saved state; the driver's retried `record` of a saved round is a no-op."""
+    uri = str(tmp_path / "state.json")
+    queues = [np.arange(i * 10, (i + 1) * 10) for i in range(3)]
+
+    def fresh():
+        return BanditRun(UCBPolicy(3, seed=1), queues, per_arm=2, arms_per_round=2, probe_limit=30)
+
+    allocator = BanditAllocator(fresh(), uri)
+    round_, proposal = allocator.propose()
+    scores = {a: [1.0] * len(v) for a, v in proposal.items()}
+    assert allocator.record(round_, proposal, scores) == 1
+    restarted = BanditAllocator(fresh(), uri)  # what Ray's restart does: the constructor again, same arguments
+    assert restarted.record(round_, proposal, scores) == 1  # the retry of round 0 is not applied twice
+    assert restarted.summary()["state"] == allocator.summary()["state"]
+    assert restarted.propose() == allocator.propose()
 
 
 # --- from probes to budgets ----------------------------------------------------------------------------------

@@ -49,8 +49,11 @@ def test_assigner_skips_quarantined_rows():
     rng = np.random.default_rng(3)
     emb = _unit(rng, 3, 8)
     out = ClusterAssigner(_unit(rng, 2, 8))(
-        {"id": np.array(["a", "b", "c"], dtype=object), "reason": np.array(["", "bad", ""], dtype=object),
-         "embedding": emb}
+        {
+            "id": np.array(["a", "b", "c"], dtype=object),
+            "reason": np.array(["", "bad", ""], dtype=object),
+            "embedding": emb,
+        }
     )
     assert out["cluster"][1] == -1 and np.isnan(out["centroid_sim"][1])
     assert out["cluster"][0] >= 0 and out["cluster"][2] >= 0

@@ -17,8 +17,13 @@ def test_minimal_config_fills_defaults():
 
 
 def test_scorer_names_become_scorer_configs():
-    cfg = parse_config({**MINIMAL, "scorers": ["loss", {"name": "entropy", "max_tokens": 32}], "select": {
-        "budget": 10, "score": "loss"}})
+    cfg = parse_config(
+        {
+            **MINIMAL,
+            "scorers": ["loss", {"name": "entropy", "max_tokens": 32}],
+            "select": {"budget": 10, "score": "loss"},
+        }
+    )
     assert cfg.scorers[0].name == "loss" and cfg.scorers[1].max_tokens == 32
     assert cfg.select.budget == 10
 
@@ -30,16 +35,20 @@ def test_scorer_names_become_scorer_configs():
         ({"select": {"budget": 1.5}}, "select.budget: a fractional budget must be in (0, 1]"),
         ({"select": {"budget": 0.1, "policy": "nope"}}, "select.policy: unknown policy 'nope'"),
         ({"scorers": ["perplexity-typo"]}, "scorers.0.name: unknown scorer 'perplexity-typo'"),
-        ({"scorers": [{"name": "loss", "batch_size": 0}], "select": {"budget": 0.1, "score": "loss"}},
-         "scorers.0.batch_size: Input should be greater than 0"),
+        (
+            {"scorers": [{"name": "loss", "batch_size": 0}], "select": {"budget": 0.1, "score": "loss"}},
+            "scorers.0.batch_size: Input should be greater than 0",
+        ),
         ({"select": {"budget": 0.1, "score": "loss"}, "scorers": ["entropy"]}, "'loss' is not computed"),
         ({"select": {"budget": 0.1, "policy": "threshold"}}, "the `threshold` policy needs a threshold"),
         ({"embed": {"resources": {"cpus": 0, "gpus": 0}}}, "embed.resources"),
         ({"embed": {"device": "cuda"}}, "device: cuda needs `resources.gpus` > 0"),
         ({"cluster": {"k": 4, "typo": 1}}, "cluster.typo: Extra inputs are not permitted"),
         ({"select": {"budget": 0.1, "params": {"nope": 1}}}, "params.nope: Extra inputs are not permitted"),
-        ({"scorers": ["el2n"], "select": {"budget": 0.1, "score": "el2n"}},
-         "scorers[0] (el2n): trains on labels; set input.label_field"),
+        (
+            {"scorers": ["el2n"], "select": {"budget": 0.1, "score": "el2n"}},
+            "scorers[0] (el2n): trains on labels; set input.label_field",
+        ),
     ],
 )
 def test_errors_name_the_field(patch, message):

@@ -13,7 +13,9 @@ def embedder():
 
 def test_embeddings_are_normalized_and_match_sentence_transformers(embedder):
     texts = ["A cat sat on the mat.", "Stock markets fell sharply today.", "x " * 40]
-    out = embedder({"text": np.array(texts + [""], dtype=object), "reason": np.array(["", "", "", "empty"], dtype=object)})
+    out = embedder(
+        {"text": np.array(texts + [""], dtype=object), "reason": np.array(["", "", "", "empty"], dtype=object)}
+    )
     emb = out["embedding"]
     assert emb.shape == (4, 384) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb[:3], axis=1), 1, rtol=1e-5)
