@@ -483,7 +483,8 @@ class BanditAllocator:
         state_uri: where the state is kept (local path or s3://).
     """
 
-    # A lost node restarts the actor and retries the call in flight; more losses than this in one run fail it.
+    # A lost node restarts the actor and retries the calls in flight (while it is unreachable, until it is back or
+    # dead for good); more losses than this in one run fail it.
     MAX_RESTARTS = 3
 
     def __init__(self, run: BanditRun, state_uri: str) -> None:
@@ -503,9 +504,9 @@ class BanditAllocator:
         # The actor only does bookkeeping: it reserves no CPU, so it never starves the probe's scorer pool. It
         # prefers the driver's node, whose loss ends the run anyway, over a worker node that may be lost alone.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        actor = ray.remote(
-            num_cpus=0, max_restarts=cls.MAX_RESTARTS, max_task_retries=cls.MAX_RESTARTS, scheduling_strategy=here
-        )(cls)
+        actor = ray.remote(num_cpus=0, max_restarts=cls.MAX_RESTARTS, max_task_retries=-1, scheduling_strategy=here)(
+            cls
+        )
         return actor.remote(run, state_uri)
 
     def propose(self) -> tuple[int, dict[int, list[int]] | None]:

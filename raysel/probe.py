@@ -203,14 +203,18 @@ def cluster_geometry(index: ShardIndex, arm_of: np.ndarray, n_arms: int) -> tupl
     return centroids, sim
 
 
+# Text reads for probes run beside the probe's scorer actors, which may hold every CPU (a lost node's actors
+# restart on the nodes left): they reserve no CPU, so they always run, and at most this many run at once.
+TEXT_READ_TASKS = 8
+
+
 def read_texts(files: list[Any], config: InputConfig, source: np.ndarray, row: np.ndarray) -> np.ndarray:
     """The texts of the rows (source, row) from the input files, as pass 1 saw them (cut at `max_chars`).
 
-    One Ray task per input file that holds wanted rows, each a `CorpusReader(keep_rows=...)` pass.
+    Up to TEXT_READ_TASKS Ray tasks, each a `CorpusReader(keep_rows=...)` pass over some of the input files
+    that hold wanted rows.
     """
     import ray
-
-    from raysel._internal.ray_stage import IO_TASK_CPUS
 
     wanted: dict[str, list[int]] = {}
     for s, r in zip(source, row, strict=True):
@@ -219,22 +223,25 @@ def read_texts(files: list[Any], config: InputConfig, source: np.ndarray, row: n
     missing = [rel for rel in wanted if rel not in by_rel]
     if missing:
         raise InputError(f"input file {missing[0]!r} of a probed row is no longer in input.path; rerun the run")
-    task = ray.remote(num_cpus=IO_TASK_CPUS)(_texts_of_file)
-    futures = [task.remote(by_rel[rel].uri, rel, rows, config) for rel, rows in wanted.items()]
+    items = [(by_rel[rel].uri, rel, rows) for rel, rows in wanted.items()]
+    task = ray.remote(num_cpus=0)(_texts_of_files)
+    futures = [task.remote(items[i::TEXT_READ_TASKS], config) for i in range(min(len(items), TEXT_READ_TASKS))]
     found: dict[tuple[str, int], str] = {}
     for result in ray.get(futures):
         found.update(result)
     return np.array([found[(str(s), int(r))] for s, r in zip(source, row, strict=True)], dtype=object)
 
 
-def _texts_of_file(uri: str, rel: str, rows: list[int], config: InputConfig) -> dict[tuple[str, int], str]:
+def _texts_of_files(items: list[tuple[str, str, list[int]]], config: InputConfig) -> dict[tuple[str, int], str]:
     from raysel.io.read import CorpusReader
 
     out = {}
-    for records in CorpusReader(config, keep_rows={rel: rows})({"uri": np.array([uri]), "rel": np.array([rel])}):
-        texts = records.column(config.text_field).to_pylist()
-        for r, text in zip(records.column("__row").to_pylist(), texts, strict=True):
-            out[(rel, int(r))] = str(text)[: config.max_chars]
+    for uri, rel, rows in items:
+        reader = CorpusReader(config, keep_rows={rel: rows})
+        for records in reader({"uri": np.array([uri]), "rel": np.array([rel])}):
+            texts = records.column(config.text_field).to_pylist()
+            for r, text in zip(records.column("__row").to_pylist(), texts, strict=True):
+                out[(rel, int(r))] = str(text)[: config.max_chars]
     return out
 
 
@@ -292,7 +299,7 @@ class Probe:
             num_cpus=cpus,
             num_gpus=scorer.resources.gpus,
             max_restarts=ScorerHost.MAX_RESTARTS,
-            max_task_retries=ScorerHost.MAX_RESTARTS,
+            max_task_retries=-1,  # until the actor is dead for good (restarts used up)
             scheduling_strategy="SPREAD",
         )(ScorerHost)
         self.actors = [host.remote(cls, scorer, prepared) for _ in range(scorer.actors)]
