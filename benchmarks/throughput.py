@@ -55,36 +55,45 @@ def plain_lm(texts: list[str], cfg) -> tuple[float, int]:
     return time.perf_counter() - start, int(out["lm_tokens"].sum())
 
 
+def timed(cls: type) -> type:
+    """The stage class, with each call's start and end time (wall clock) added as two columns."""
+
+    class Timed(cls):
+        def __call__(self, batch):
+            start = time.time()
+            out = super().__call__(batch)
+            n = len(batch["text"])
+            out["_call_start"], out["_call_end"] = np.full(n, start), np.full(n, time.time())
+            return out
+
+    Timed.__name__ = Timed.__qualname__ = cls.__name__
+    return Timed
+
+
 def pipeline_stage(path: Path, stage: str, cfg, input_cfg) -> tuple[float, int]:
-    """Wall time of read → one actor-pool stage → consume, measured from the first row out (actor start and
-    model load excluded, as they are for the loop) to the last."""
+    """Seconds and LM tokens of read → one actor-pool stage → consume, from the pool's first call start to its
+    last call end: actor start-up and model load are excluded (as they are for the loop); everything between
+    calls (block transfer, scheduling, reading, the driver) is included."""
     import ray
 
-    from raysel._internal.ray_stage import IO_TASK_CPUS, fit_cpus, map_stage
+    from raysel._internal.ray_stage import IO_TASK_CPUS, fit_cpus, init_ray, map_stage
     from raysel.embed import Embedder
     from raysel.pipeline import _read_files
     from raysel.scorers.lm import CausalLMScorer
 
+    init_ray(None)  # raysel's Ray Data settings (block size, timeouts), as a run has them
     ds = ray.data.from_items([{"uri": str(path), "rel": path.name}], override_num_blocks=1)
     ds = ds.map_batches(_read_files, fn_kwargs={"config": input_cfg}, batch_size=1, num_cpus=IO_TASK_CPUS)
     cpus = fit_cpus([cfg], ray.cluster_resources()["CPU"])[0]
     if stage == "embed":
-        ds = map_stage(ds, Embedder, cfg, cpus, config=cfg)
+        ds = map_stage(ds, timed(Embedder), cfg, cpus, config=cfg)
     else:
-        ds = map_stage(ds, CausalLMScorer, cfg, cpus, config=cfg, outputs=("entropy", "loss"))
-    first = None
-    tokens = rows = 0
-    start = time.perf_counter()
+        ds = map_stage(ds, timed(CausalLMScorer), cfg, cpus, config=cfg, outputs=("entropy", "loss"))
+    first, last, tokens = float("inf"), 0.0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        if first is None:
-            first = time.perf_counter()
-            first_rows = len(batch["id"])
-        rows += len(batch["id"])
+        first, last = min(first, float(batch["_call_start"].min())), max(last, float(batch["_call_end"].max()))
         tokens += int(batch["lm_tokens"].sum()) if "lm_tokens" in batch else 0
-    end = time.perf_counter()
-    # The first batch's time includes actor start-up and model load: rate over the rest, scaled back.
-    steady = (end - first) * rows / max(rows - first_rows, 1) if rows > first_rows else end - start
-    return steady, tokens
+    return last - first, tokens
 
 
 def main() -> None:
