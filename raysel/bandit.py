@@ -483,10 +483,6 @@ class BanditAllocator:
         state_uri: where the state is kept (local path or s3://).
     """
 
-    # A lost node restarts the actor and retries the calls in flight (while it is unreachable, until it is back or
-    # dead for good); more losses than this in one run fail it.
-    MAX_RESTARTS = 3
-
     def __init__(self, run: BanditRun, state_uri: str) -> None:
         self.run = run
         self.state_uri = state_uri
@@ -501,13 +497,12 @@ class BanditAllocator:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        from raysel._internal.ray_stage import RESTARTABLE_ACTOR
+
         # The actor only does bookkeeping: it reserves no CPU, so it never starves the probe's scorer pool. It
         # prefers the driver's node, whose loss ends the run anyway, over a worker node that may be lost alone.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        actor = ray.remote(num_cpus=0, max_restarts=cls.MAX_RESTARTS, max_task_retries=-1, scheduling_strategy=here)(
-            cls
-        )
-        return actor.remote(run, state_uri)
+        return ray.remote(num_cpus=0, scheduling_strategy=here, **RESTARTABLE_ACTOR)(cls).remote(run, state_uri)
 
     def propose(self) -> tuple[int, dict[int, list[int]] | None]:
         """(the round, its proposal); the proposal is None when the run has stopped."""

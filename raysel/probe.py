@@ -254,8 +254,6 @@ class ScorerHost:
         prepared: what the scorer's `prepare` returned (None without one).
     """
 
-    MAX_RESTARTS = 3
-
     def __init__(self, cls: type, config: ScorerConfig, prepared: Any = None) -> None:
         self.name = config.name
         self.scorer = cls(config, (config.name,), prepared)
@@ -283,7 +281,7 @@ class Probe:
         import ray.data  # noqa: F401  (registers the tensor type the embedding column is stored as)
         from ray.util import ActorPool
 
-        from raysel._internal.ray_stage import fit_cpus
+        from raysel._internal.ray_stage import RESTARTABLE_ACTOR, fit_cpus
         from raysel.scorers import SCORERS
 
         cls = SCORERS[scorer.name]
@@ -298,9 +296,8 @@ class Probe:
         host = ray.remote(
             num_cpus=cpus,
             num_gpus=scorer.resources.gpus,
-            max_restarts=ScorerHost.MAX_RESTARTS,
-            max_task_retries=-1,  # until the actor is dead for good (restarts used up)
             scheduling_strategy="SPREAD",
+            **RESTARTABLE_ACTOR,
         )(ScorerHost)
         self.actors = [host.remote(cls, scorer, prepared) for _ in range(scorer.actors)]
         self.pool = ActorPool(self.actors)

@@ -16,6 +16,11 @@ IO_HEADROOM = 2 * IO_TASK_CPUS
 BATCHES_PER_CALL = 4
 
 
+# A lost node restarts the actors it held elsewhere, and the calls in flight are retried while the actor is
+# unreachable (until it is back, or dead for good): more losses than this in one run fail it. For actors whose
+# calls may run twice (scoring is idempotent; the bandit's `record` is tagged with its round).
+RESTARTABLE_ACTOR = {"max_restarts": 3, "max_task_retries": -1}
+
 # Nothing waits forever: an actor pool that cannot start (e.g. no node has the GPUs it asks for) fails after
 # this long, and so does a pipeline that makes no progress. Read once, here; override through the environment.
 ACTOR_START_TIMEOUT_S = float(os.environ.get("RAYSEL_ACTOR_START_TIMEOUT_S", 600))
