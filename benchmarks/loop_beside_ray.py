@@ -25,12 +25,9 @@ def main() -> None:
     import throughput as tp
     import torch
 
-    from raysel.config import EmbedConfig, Resources, ScorerConfig
-
     torch.set_num_threads(args.threads)
     texts = [d["text"] for d in tp.corpus(args.docs, 2000)]
-    embed = EmbedConfig(batch_size=64, max_tokens=128, threads=args.threads, resources=Resources(cpus=1))
-    lm = ScorerConfig(name="entropy", batch_size=16, max_tokens=64, threads=args.threads, resources=Resources(cpus=1))
+    embed, lm = tp.embed_cfg(1, args.threads), tp.lm_cfg(1, args.threads)
 
     def both(tag: str) -> None:
         embed_s = tp.plain_embed(texts, embed)

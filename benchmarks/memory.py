@@ -26,7 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from throughput import emit  # noqa: E402
 
 ROWS_PER_FILE = 100_000
 # The LM stage's 49k-token vocabulary makes even a 2-layer LM slow (~55 rows/s here: a softmax over 49k
@@ -186,11 +189,7 @@ def main() -> None:
             f"| {r['peak_rss_mib']} | {later['cluster']:.1f} / {later['select']:.1f} / {later['write']:.1f} "
             f"| {r['run_peak_rss_mib']} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(f"\n`python benchmarks/memory.py {' '.join(sys.argv[1:])}`\n\n{table}\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,30 @@ def plain_lm(texts: list[str], cfg) -> tuple[float, int]:
     return time.perf_counter() - start, int(out["lm_tokens"].sum())
 
 
+def embed_cfg(actors: int, threads: int):
+    """The embedding stage measured here: MiniLM, texts cut at 128 tokens, forward batches of 64."""
+    from raysel.config import EmbedConfig, Resources
+
+    return EmbedConfig(batch_size=64, max_tokens=128, actors=actors, threads=threads, resources=Resources(cpus=1))
+
+
+def lm_cfg(actors: int, threads: int):
+    """The LM stage measured here: SmolLM2-135M entropy + loss, texts cut at 64 tokens, forward batches of 16."""
+    from raysel.config import Resources, ScorerConfig
+
+    return ScorerConfig(
+        name="entropy", batch_size=16, max_tokens=64, actors=actors, threads=threads, resources=Resources(cpus=1)
+    )
+
+
+def emit(table: str, out: str | None) -> None:
+    """Print the Markdown table; with `out`, append it to that file under the command that produced it."""
+    print(table)
+    if out:
+        with open(out, "a") as f:
+            f.write(f"\n`python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`\n\n{table}\n")
+
+
 def timed(cls: type) -> type:
     """The stage class, with each call's start and end time (wall clock) added as two columns."""
 
@@ -115,17 +139,9 @@ def main() -> None:
     import ray
     import torch
 
-    from raysel.config import EmbedConfig, InputConfig, Resources, ScorerConfig
+    from raysel.config import InputConfig
 
     torch.set_num_threads(args.threads)
-
-    def embed_cfg(actors: int, threads: int) -> EmbedConfig:
-        return EmbedConfig(batch_size=64, max_tokens=128, actors=actors, threads=threads, resources=Resources(cpus=1))
-
-    def lm_cfg(actors: int, threads: int) -> ScorerConfig:
-        return ScorerConfig(
-            name="entropy", batch_size=16, max_tokens=64, actors=actors, threads=threads, resources=Resources(cpus=1)
-        )
 
     with tempfile.TemporaryDirectory() as tmp:
         docs = corpus(args.docs, 2000)
@@ -169,11 +185,7 @@ def main() -> None:
             f"| LM entropy+loss (SmolLM2-135M, 64 tok) | {loop_rate:.1f} tokens/s | {actors} actor(s) × "
             f"{threads} thread(s) | {rate:.1f} tokens/s | {rate / loop_rate:.3f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(f"\n`python benchmarks/throughput.py {' '.join(sys.argv[1:])}`\n\n{table}\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
