@@ -100,19 +100,19 @@ def pipeline_stage(path: Path, stage: str, cfg, input_cfg) -> tuple[float, int]:
     calls (block transfer, scheduling, reading, the driver) is included."""
     import ray
 
-    from raysel._internal.ray_stage import IO_TASK_CPUS, fit_cpus, init_ray, map_stage
+    from raysel._internal.ray_stage import init_ray, map_stages
     from raysel.embed import Embedder
-    from raysel.pipeline import _read_files
+    from raysel.io.read import list_input
+    from raysel.pipeline import read_corpus
     from raysel.scorers.lm import CausalLMScorer
 
     init_ray(None)  # raysel's Ray Data settings (block size, timeouts), as a run has them
-    ds = ray.data.from_items([{"uri": str(path), "rel": path.name}], override_num_blocks=1)
-    ds = ds.map_batches(_read_files, fn_kwargs={"config": input_cfg}, batch_size=1, num_cpus=IO_TASK_CPUS)
-    cpus = fit_cpus([cfg], ray.cluster_resources()["CPU"])[0]
+    ds = read_corpus(list_input(input_cfg.model_copy(update={"path": str(path)})), input_cfg)
     if stage == "embed":
-        ds = map_stage(ds, timed(Embedder), cfg, cpus, config=cfg)
+        stages = [(timed(Embedder), cfg, {"config": cfg})]
     else:
-        ds = map_stage(ds, timed(CausalLMScorer), cfg, cpus, config=cfg, outputs=("entropy", "loss"))
+        stages = [(timed(CausalLMScorer), cfg, {"config": cfg, "outputs": ("entropy", "loss")})]
+    ds = map_stages(ds, stages, ray.cluster_resources()["CPU"])  # pass 1's own blocks, pool and reservations
     first, last, tokens = float("inf"), 0.0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         first, last = min(first, float(batch["_call_start"].min())), max(last, float(batch["_call_end"].max()))

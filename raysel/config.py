@@ -226,6 +226,12 @@ class RunConfig(_Frozen):
     cluster: ClusterConfig = ClusterConfig()
     select: SelectConfig
     work_dir: str | None = Field(None, description="where scores and clusters are kept for reuse; default: cache")
+    shard_rows: int = Field(
+        2048,
+        gt=0,
+        description="rows per scored shard in the work dir: an interrupted run loses at most the "
+        "shards being written, and resumes from the rest",
+    )
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")

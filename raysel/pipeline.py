@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysel import __version__
-from raysel._internal.ray_stage import IO_TASK_CPUS, fit_cpus, init_ray, map_stage, read_shards
+from raysel._internal.ray_stage import IO_TASK_CPUS, init_ray, map_stages, read_shards
 from raysel.cluster import ClusterAssigner, train_centroids
 from raysel.config import RunConfig, ScorerConfig
 from raysel.context import RunContext, sample_rows
@@ -146,17 +146,11 @@ def score_pass(config: RunConfig, files: list[InputFile]) -> tuple[str, str, dic
         return scores_uri, key, {"reused": True, "resumed_rows": 0, "scored_rows": 0}
     done, resumed = completed_rows(scores_uri)
 
-    stages = scorer_stages(config.scorers, "text")
-    cpus = fit_cpus([config.embed] + [cfg for _, cfg, _ in stages], ray.cluster_resources().get("CPU", 1.0))
-    ds = ray.data.from_items([{"uri": f.uri, "rel": f.rel} for f in files], override_num_blocks=len(files))
-    ds = ds.map_batches(
-        _read_files, fn_kwargs={"config": config.input, "skip_rows": done}, batch_size=1, num_cpus=IO_TASK_CPUS
-    )
-    ds = map_stage(ds, Embedder, config.embed, cpus[0], config=config.embed)
-    for (cls, cfg, outputs), stage_cpus in zip(stages, cpus[1:], strict=True):
-        ds = map_stage(ds, cls, cfg, stage_cpus, config=cfg, outputs=outputs)
-    fs, path = rfs.resolve(scores_uri)
-    ds.drop_columns(["text"]).write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+    stages = [(Embedder, config.embed, {"config": config.embed})] + [
+        (cls, cfg, {"config": cfg, "outputs": outputs}) for cls, cfg, outputs in scorer_stages(config.scorers, "text")
+    ]
+    ds = map_stages(read_corpus(files, config.input, skip_rows=done), stages, ray.cluster_resources().get("CPU", 1))
+    write_shards(ds.drop_columns(["text"]), scores_uri, config.shard_rows)
     total = rfs.parquet_rows(scores_uri)  # footers only: the driver's memory does not grow with the corpus
     rfs.write_text(rfs.join(base, "meta.json"), json.dumps({"key": key, "config": config.model_dump()}, indent=2))
     rfs.write_text(rfs.join(base, "_SUCCESS"), "")
@@ -201,15 +195,38 @@ def rescore_pass(config: RunConfig, files: list[InputFile], scores_uri: str, key
         return out_uri
     rfs.delete_dir(out_uri)
     context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), key), files)
-    cpus = fit_cpus([cfg for _, cfg, _ in stages], ray.cluster_resources().get("CPU", 1.0))
-    ds = read_shards(scores_uri)
-    for (cls, cfg, outputs), stage_cpus in zip(stages, cpus, strict=True):
-        prepared = cls.prepare(cfg, context) if hasattr(cls, "prepare") else None
-        ds = map_stage(ds, cls, cfg, stage_cpus, config=cfg, outputs=outputs, prepared=prepared)
-    fs, path = rfs.resolve(out_uri)
-    ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+    stages = [
+        (
+            cls,
+            cfg,
+            {
+                "config": cfg,
+                "outputs": outputs,
+                "prepared": cls.prepare(cfg, context) if hasattr(cls, "prepare") else None,
+            },
+        )
+        for cls, cfg, outputs in stages
+    ]
+    ds = map_stages(read_shards(scores_uri), stages, ray.cluster_resources().get("CPU", 1))
+    write_shards(ds, out_uri, config.shard_rows)
     rfs.write_text(rfs.join(base, "_SUCCESS"), "")
     return out_uri
+
+
+def read_corpus(files: list[InputFile], config: Any, skip_rows: dict | None = None) -> Any:
+    """The corpus as a stream of usable and quarantined rows (CorpusReader), one IO_TASK_CPUS task per file."""
+    import ray
+
+    ds = ray.data.from_items([{"uri": f.uri, "rel": f.rel} for f in files], override_num_blocks=len(files))
+    return ds.map_batches(
+        _read_files, fn_kwargs={"config": config, "skip_rows": skip_rows}, batch_size=1, num_cpus=IO_TASK_CPUS
+    )
+
+
+def write_shards(ds: Any, uri: str, rows: int) -> None:
+    """Write `ds` as Parquet shards of at least `rows` rows (the last may be smaller), each committed whole."""
+    fs, path = rfs.resolve(uri)
+    ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows, ray_remote_args={"num_cpus": IO_TASK_CPUS})
 
 
 def _read_files(batch: dict[str, np.ndarray], config: Any, skip_rows: dict | None = None):

@@ -45,6 +45,7 @@ def _config(root, name, select="{budget: 0.3, policy: stratified, score: entropy
         "cluster: {k: 3}\n"
         f"select: {select}\n"
         f"work_dir: {work or root / (name + '-work')}\n"
+        "shard_rows: 32\n"  # several shards from a small corpus, so the run can be cut between them
     )
     return path
 

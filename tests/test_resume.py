@@ -23,6 +23,7 @@ def _config(root, out, work):
         "cluster: {k: 3}\n"
         "select: {budget: 0.3, policy: stratified, score: entropy, seed: 0}\n"
         f"work_dir: {work}\n"
+        "shard_rows: 32\n"  # several shards from a small corpus, so the run can be cut between them
     )
 
 

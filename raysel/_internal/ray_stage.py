@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from raysel.config import StageConfig
 
-# Read, assign and write tasks reserve this much CPU each: a pool that reserves every CPU
-# would leave them none, and the pipeline would hang at its start with no error.
+logger = logging.getLogger(__name__)
+
+# Read, split, assign and write tasks reserve this much CPU each: a pool that reserves every CPU
+# would leave them none, and the pipeline would hang at its start with no error. Pass 1 runs a read,
+# a block split and a shard write beside its pools at once.
 IO_TASK_CPUS = 0.25
-IO_HEADROOM = 2 * IO_TASK_CPUS
+IO_HEADROOM = 3 * IO_TASK_CPUS
 
 # Each actor call gets this many forward-pass batches, so sorting by length inside a call cuts padding.
 BATCHES_PER_CALL = 4
@@ -53,6 +57,11 @@ def fit_cpus(stages: list[StageConfig], total_cpus: float) -> list[float]:
     return [round(s.resources.cpus * scale, 3) for s in stages]
 
 
+def call_rows(stage: StageConfig) -> int:
+    """Rows in one call of a stage's actor: `BATCHES_PER_CALL` forward batches."""
+    return stage.batch_size * BATCHES_PER_CALL
+
+
 def map_stage(ds: Any, cls: type, stage: StageConfig, cpus: float, **constructor_kwargs: Any) -> Any:
     """`ds.map_batches(cls)` on a fixed-size actor pool, reserving what the stage config says."""
     from ray.data import ActorPoolStrategy
@@ -61,12 +70,52 @@ def map_stage(ds: Any, cls: type, stage: StageConfig, cpus: float, **constructor
         cls,
         fn_constructor_kwargs=constructor_kwargs,
         compute=ActorPoolStrategy(size=stage.actors),
-        batch_size=stage.batch_size * BATCHES_PER_CALL,
+        batch_size=call_rows(stage),
         batch_format="numpy",
         num_cpus=cpus,
         num_gpus=stage.resources.gpus,
         zero_copy_batch=True,
     )
+
+
+def map_stages(ds: Any, stages: list[tuple[type, StageConfig, dict[str, Any]]], total_cpus: float) -> Any:
+    """The model stages in order, each `(class, config, constructor kwargs)` on its own actor pool.
+
+    Blocks are cut to each stage's call size where they may be larger: after the read (blocks of up to
+    TARGET_BLOCK_BYTES, any number of rows) and after a stage whose calls are longer than the next one's.
+    """
+    cpus = fit_cpus([cfg for _, cfg, _ in stages], total_cpus)
+    block_rows = None
+    for (cls, cfg, kwargs), stage_cpus in zip(stages, cpus, strict=True):
+        if block_rows is None or call_rows(cfg) < block_rows:
+            ds = split_blocks(ds, call_rows(cfg))
+        ds = map_stage(ds, cls, cfg, stage_cpus, **kwargs)
+        block_rows = call_rows(cfg)
+    return ds
+
+
+def split_blocks(ds: Any, rows: int) -> Any:
+    """Cut `ds`'s blocks to at most `rows` rows, so that every actor of the next pool gets work.
+
+    An actor-pool call takes whole blocks (`map_batches` bundles blocks up to its batch size and never
+    splits one), so a 1 MiB block of 400 texts is 400 rows of work for one actor while its peers idle.
+    This is `ds.repartition(target_num_rows_per_block=rows)`, except that it reserves IO_TASK_CPUS: the
+    public call's tasks reserve a whole CPU, never start beside full actor pools, and the pass waits. Ray
+    fuses it into the task before it (the read), so there it costs no task of its own.
+    """
+    try:
+        from ray.data._internal.logical.interfaces import LogicalPlan
+        from ray.data._internal.logical.operators.map_operator import StreamingRepartition
+
+        op = StreamingRepartition(
+            target_num_rows_per_block=rows,
+            input_dependencies=[ds._logical_plan.dag],
+            ray_remote_args={"num_cpus": IO_TASK_CPUS},
+        )
+        return type(ds)._from_parent(ds, LogicalPlan(op, ds.context))
+    except (ImportError, TypeError, AttributeError) as err:  # another Ray's internals: keep its blocks
+        logger.warning("raysel: blocks stay as Ray Data makes them (%s); small corpora may use one actor", err)
+        return ds
 
 
 def read_shards(uri: str, columns: list[str] | None = None) -> Any:
