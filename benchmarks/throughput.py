@@ -6,7 +6,7 @@ the scorer class called directly in-process (length-sorted batches, no Ray) for 
 pipeline is raysel's pass 1 restricted to one stage: a Ray Data read of a JSONL file through
 `CorpusReader`, then the stage's actor pool, on a local cluster with the same CPU count.
 
-    python benchmarks/throughput.py [--docs 1000] [--lm-docs 300] [--threads 2] [--pools 1x2 2x1]
+    python benchmarks/throughput.py [--docs 1000] [--lm-docs 300] [--threads 2] [--pools 1x2 2x1] [--repeats 3]
 
 Prints a Markdown table; `--out FILE` appends it with the command to a results file.
 """
@@ -132,6 +132,9 @@ def main() -> None:
         help="pipeline pool shapes to measure, ACTORSxTHREADS each (default: one actor with every core's "
         "thread, and one single-thread actor per core)",
     )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds of loop-then-pipelines; the table gives medians"
+    )
     parser.add_argument("--out", help="append the Markdown table to this file")
     args = parser.parse_args()
     pools = [tuple(int(x) for x in p.split("x")) for p in args.pools]
@@ -142,7 +145,10 @@ def main() -> None:
     from raysel.config import InputConfig
 
     torch.set_num_threads(args.threads)
-
+    # Per round: the loops alone (no Ray running), then every pool shape on a fresh local cluster. Rounds
+    # alternate so that a slow spell of a shared host hits loop and pipeline alike; each ratio is taken
+    # within its round.
+    loop_rates, pipe_rates = {"embed": [], "lm": []}, {}
     with tempfile.TemporaryDirectory() as tmp:
         docs = corpus(args.docs, 2000)
         path = Path(tmp) / "bench.jsonl"
@@ -151,39 +157,37 @@ def main() -> None:
         lm_path.write_text("".join(json.dumps(d) + "\n" for d in docs[: args.lm_docs]))
         input_cfg = InputConfig(path=str(path), id_field="id")
         texts = [d["text"] for d in docs]
+        for round_ in range(args.repeats):
+            loop_rates["embed"].append(args.docs / plain_embed(texts, embed_cfg(1, args.threads)))
+            seconds, tokens = plain_lm(texts[: args.lm_docs], lm_cfg(1, args.threads))
+            loop_rates["lm"].append(tokens / seconds)
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            from ray.data import DataContext
 
-        loop_embed = plain_embed(texts, embed_cfg(1, args.threads))
-        loop_lm, loop_tokens = plain_lm(texts[: args.lm_docs], lm_cfg(1, args.threads))
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        from ray.data import DataContext
+            DataContext.get_current().enable_progress_bars = False
+            for actors, threads in pools:
+                seconds, _ = pipeline_stage(path, "embed", embed_cfg(actors, threads), input_cfg)
+                pipe_rates.setdefault(("embed", actors, threads), []).append(args.docs / seconds)
+                seconds, tokens = pipeline_stage(lm_path, "lm", lm_cfg(actors, threads), input_cfg)
+                pipe_rates.setdefault(("lm", actors, threads), []).append(tokens / seconds)
+            ray.shutdown()
+            print(f"round {round_ + 1}/{args.repeats}: loop {loop_rates}, pipeline {pipe_rates}", flush=True)
 
-        DataContext.get_current().enable_progress_bars = False
-        pipe = {}
-        for actors, threads in pools:
-            pipe[actors, threads] = (
-                pipeline_stage(path, "embed", embed_cfg(actors, threads), input_cfg)[0],
-                pipeline_stage(lm_path, "lm", lm_cfg(actors, threads), input_cfg),
-            )
-        ray.shutdown()
-
+    names = {
+        "embed": ("embedding (MiniLM, 128 tok)", "docs/s"),
+        "lm": ("LM entropy+loss (SmolLM2-135M, 64 tok)", "tokens/s"),
+    }
     lines = [
-        f"| stage | plain loop ({args.threads} threads) | pipeline pool | pipeline | pipeline / loop |"
-        f"  ({os.cpu_count()} cores)",
+        f"| stage | plain loop ({args.threads} threads) | pipeline pool | pipeline | pipeline / loop, median "
+        f"(min-max over {args.repeats} rounds) |  ({os.cpu_count()} cores)",
         "| --- | --- | --- | --- | --- |",
     ]
-    loop_rate = args.docs / loop_embed
-    for (actors, threads), (seconds, _) in pipe.items():
-        rate = args.docs / seconds
+    for (stage, actors, threads), rates in pipe_rates.items():
+        name, unit = names[stage]
+        ratios = np.array(rates) / np.array(loop_rates[stage])
         lines.append(
-            f"| embedding (MiniLM, 128 tok) | {loop_rate:.1f} docs/s | {actors} actor(s) × {threads} thread(s) "
-            f"| {rate:.1f} docs/s | {rate / loop_rate:.3f} |"
-        )
-    loop_rate = loop_tokens / loop_lm
-    for (actors, threads), (_, (seconds, tokens)) in pipe.items():
-        rate = tokens / seconds
-        lines.append(
-            f"| LM entropy+loss (SmolLM2-135M, 64 tok) | {loop_rate:.1f} tokens/s | {actors} actor(s) × "
-            f"{threads} thread(s) | {rate:.1f} tokens/s | {rate / loop_rate:.3f} |"
+            f"| {name} | {np.median(loop_rates[stage]):.1f} {unit} | {actors} actor(s) × {threads} thread(s) "
+            f"| {np.median(rates):.1f} {unit} | **{np.median(ratios):.3f}** ({ratios.min():.3f}-{ratios.max():.3f}) |"
         )
     emit("\n".join(lines), args.out)
 
