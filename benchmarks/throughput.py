@@ -94,10 +94,12 @@ def timed(cls: type) -> type:
     return Timed
 
 
-def pipeline_stage(path: Path, stage: str, cfg, input_cfg) -> tuple[float, int]:
-    """Seconds and LM tokens of read → one actor-pool stage → consume, from the pool's first call start to its
-    last call end: actor start-up and model load are excluded (as they are for the loop); everything between
-    calls (block transfer, scheduling, reading, the driver) is included."""
+def pipeline_stage(path: Path, stage: str, cfg, input_cfg) -> tuple[float, int, float]:
+    """Seconds, LM tokens and the actors' busy fraction of read → one actor-pool stage → consume, from the
+    pool's first call start to its last call end: actor start-up and model load are excluded (as they are for
+    the loop); everything between calls (block transfer, scheduling, reading, the driver) is included. Busy =
+    the actors' summed call time over actors × that window: what is not busy is idle waiting, mostly at the
+    end, when one actor runs the last call and its peers have none left."""
     import ray
 
     from raysel._internal.ray_stage import init_ray, map_stages
@@ -113,11 +115,13 @@ def pipeline_stage(path: Path, stage: str, cfg, input_cfg) -> tuple[float, int]:
     else:
         stages = [(timed(CausalLMScorer), cfg, {"config": cfg, "outputs": ("entropy", "loss")})]
     ds = map_stages(ds, stages, ray.cluster_resources()["CPU"])  # pass 1's own blocks, pool and reservations
-    first, last, tokens = float("inf"), 0.0, 0
+    calls, tokens = set(), 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        first, last = min(first, float(batch["_call_start"].min())), max(last, float(batch["_call_end"].max()))
+        calls |= set(zip(batch["_call_start"].tolist(), batch["_call_end"].tolist(), strict=True))
         tokens += int(batch["lm_tokens"].sum()) if "lm_tokens" in batch else 0
-    return last - first, tokens
+    first, last = min(start for start, _ in calls), max(end for _, end in calls)
+    busy = sum(end - start for start, end in calls) / (cfg.actors * (last - first))
+    return last - first, tokens, busy
 
 
 def main() -> None:
@@ -166,10 +170,10 @@ def main() -> None:
 
             DataContext.get_current().enable_progress_bars = False
             for actors, threads in pools:
-                seconds, _ = pipeline_stage(path, "embed", embed_cfg(actors, threads), input_cfg)
-                pipe_rates.setdefault(("embed", actors, threads), []).append(args.docs / seconds)
-                seconds, tokens = pipeline_stage(lm_path, "lm", lm_cfg(actors, threads), input_cfg)
-                pipe_rates.setdefault(("lm", actors, threads), []).append(tokens / seconds)
+                seconds, _, busy = pipeline_stage(path, "embed", embed_cfg(actors, threads), input_cfg)
+                pipe_rates.setdefault(("embed", actors, threads), []).append((args.docs / seconds, busy))
+                seconds, tokens, busy = pipeline_stage(lm_path, "lm", lm_cfg(actors, threads), input_cfg)
+                pipe_rates.setdefault(("lm", actors, threads), []).append((tokens / seconds, busy))
             ray.shutdown()
             print(f"round {round_ + 1}/{args.repeats}: loop {loop_rates}, pipeline {pipe_rates}", flush=True)
 
@@ -178,16 +182,18 @@ def main() -> None:
         "lm": ("LM entropy+loss (SmolLM2-135M, 64 tok)", "tokens/s"),
     }
     lines = [
-        f"| stage | plain loop ({args.threads} threads) | pipeline pool | pipeline | pipeline / loop, median "
-        f"(min-max over {args.repeats} rounds) |  ({os.cpu_count()} cores)",
-        "| --- | --- | --- | --- | --- |",
+        f"| stage | plain loop ({args.threads} threads) | pipeline pool | pipeline | actors busy | pipeline / loop, "
+        f"median (min-max over {args.repeats} rounds) |  ({os.cpu_count()} cores)",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for (stage, actors, threads), rates in pipe_rates.items():
+    for (stage, actors, threads), measured in pipe_rates.items():
         name, unit = names[stage]
-        ratios = np.array(rates) / np.array(loop_rates[stage])
+        rates, busy = np.array(measured).T
+        ratios = rates / np.array(loop_rates[stage])
         lines.append(
             f"| {name} | {np.median(loop_rates[stage]):.1f} {unit} | {actors} actor(s) × {threads} thread(s) "
-            f"| {np.median(rates):.1f} {unit} | **{np.median(ratios):.3f}** ({ratios.min():.3f}-{ratios.max():.3f}) |"
+            f"| {np.median(rates):.1f} {unit} | {np.median(busy):.1%} | **{np.median(ratios):.3f}** "
+            f"({ratios.min():.3f}-{ratios.max():.3f}) |"
         )
     emit("\n".join(lines), args.out)
 
