@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from raysel._internal.ray_stage import call_rows, map_stages
+from raysel._internal.ray_stage import map_stages
 from raysel.config import InputConfig, Resources, StageConfig
 from raysel.io.read import list_input
 from raysel.pipeline import read_corpus
@@ -13,7 +13,7 @@ from tests.conftest import bbc_sample, write_jsonl
 
 
 def test_a_small_corpus_is_spread_over_every_actor_of_a_pool(tmp_path, ray_cluster):
-    """300 short texts fit one 1 MiB block; cut to the pool's call size, both actors of the pool get calls."""
+    """300 short texts fit one 1 MiB block, and an actor call takes whole blocks: uncut, one actor scores all."""
 
     class WhoScored:  # defined here, so Ray ships it by value to the actors
         def __init__(self, config):
@@ -23,16 +23,14 @@ def test_a_small_corpus_is_spread_over_every_actor_of_a_pool(tmp_path, ray_clust
             time.sleep(0.05)  # a call long enough that one actor cannot drain the queue alone
             out = dict(batch)
             out["pid"] = np.full(len(batch["id"]), os.getpid())
-            out["call_rows"] = np.full(len(batch["id"]), len(batch["id"]))
             return out
 
     path = write_jsonl(tmp_path / "corpus.jsonl", bbc_sample(300, seed=3, max_chars=300))
     input_cfg = InputConfig(path=str(path), id_field="id")
     stage = StageConfig(batch_size=8, actors=2, resources=Resources(cpus=0.5))
     ds = map_stages(read_corpus(list_input(input_cfg), input_cfg), [(WhoScored, stage, {"config": stage})], 2)
-    rows = ds.select_columns(["id", "pid", "call_rows"]).to_pandas()
+    rows = ds.select_columns(["id", "pid"]).to_pandas()
 
     assert sorted(rows["id"]) == sorted(r["id"] for r in bbc_sample(300, seed=3, max_chars=300))
-    assert rows["call_rows"].max() <= call_rows(stage)  # no call got a whole 1 MiB block
     per_actor = rows.groupby("pid").size()
     assert len(per_actor) == 2 and per_actor.min() >= 300 // 4, per_actor.to_dict()
