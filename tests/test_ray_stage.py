@@ -20,17 +20,18 @@ def test_a_small_corpus_is_spread_over_every_actor_of_a_pool(tmp_path, ray_clust
             pass
 
         def __call__(self, batch):
-            time.sleep(0.05)  # a call long enough that one actor cannot drain the queue alone
+            time.sleep(0.5)  # calls long against dispatch and actor start-up, as model calls are
             out = dict(batch)
             out["pid"] = np.full(len(batch["id"]), os.getpid())
             return out
 
-    path = write_jsonl(tmp_path / "corpus.jsonl", bbc_sample(300, seed=3, max_chars=300))
+    texts = bbc_sample(300, seed=3, max_chars=300)
+    path = write_jsonl(tmp_path / "corpus.jsonl", texts)
     input_cfg = InputConfig(path=str(path), id_field="id")
     stage = StageConfig(batch_size=8, actors=2, resources=Resources(cpus=0.5))
-    ds = map_stages(read_corpus(list_input(input_cfg), input_cfg), [(WhoScored, stage, {"config": stage})], 2)
+    ds = map_stages(read_corpus(list_input(input_cfg), input_cfg), [(WhoScored, stage, {"config": stage})])
     rows = ds.select_columns(["id", "pid"]).to_pandas()
 
-    assert sorted(rows["id"]) == sorted(r["id"] for r in bbc_sample(300, seed=3, max_chars=300))
+    assert sorted(rows["id"]) == sorted(r["id"] for r in texts)
     per_actor = rows.groupby("pid").size()
     assert len(per_actor) == 2 and per_actor.min() >= 300 // 4, per_actor.to_dict()
