@@ -100,7 +100,6 @@ def pipeline_stage(path: Path, stage: str, cfg, input_cfg) -> tuple[float, int, 
     the loop); everything between calls (block transfer, scheduling, reading, the driver) is included. Busy =
     the actors' summed call time over actors × that window: what is not busy is idle waiting, mostly at the
     end, when one actor runs the last call and its peers have none left."""
-    import ray
 
     from raysel._internal.ray_stage import init_ray, map_stages
     from raysel.embed import Embedder
@@ -114,7 +113,7 @@ def pipeline_stage(path: Path, stage: str, cfg, input_cfg) -> tuple[float, int, 
         stages = [(timed(Embedder), cfg, {"config": cfg})]
     else:
         stages = [(timed(CausalLMScorer), cfg, {"config": cfg, "outputs": ("entropy", "loss")})]
-    ds = map_stages(ds, stages, ray.cluster_resources()["CPU"])  # pass 1's own blocks, pool and reservations
+    ds = map_stages(ds, stages)  # pass 1's own blocks, pool and reservations
     calls, tokens = set(), 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         calls |= set(zip(batch["_call_start"].tolist(), batch["_call_end"].tolist(), strict=True))

@@ -137,7 +137,6 @@ def score_pass(config: RunConfig, files: list[InputFile]) -> tuple[str, str, dic
     Shards are committed one by one as Ray writes them; a pass that was interrupted is resumed at the
     row: rows already in readable shards are skipped by the reader, half-written shards are discarded.
     """
-    import ray
 
     key = score_key(config, files)
     base = rfs.join(config.resolved_work_dir(), key)
@@ -149,7 +148,7 @@ def score_pass(config: RunConfig, files: list[InputFile]) -> tuple[str, str, dic
     stages = [(Embedder, config.embed, {"config": config.embed})] + [
         (cls, cfg, {"config": cfg, "outputs": outputs}) for cls, cfg, outputs in scorer_stages(config.scorers, "text")
     ]
-    ds = map_stages(read_corpus(files, config.input, skip_rows=done), stages, ray.cluster_resources().get("CPU", 1))
+    ds = map_stages(read_corpus(files, config.input, skip_rows=done), stages)
     write_shards(ds.drop_columns(["text"]), scores_uri, config.shard_rows)
     total = rfs.parquet_rows(scores_uri)  # footers only: the driver's memory does not grow with the corpus
     rfs.write_text(rfs.join(base, "meta.json"), json.dumps({"key": key, "config": config.model_dump()}, indent=2))
@@ -182,7 +181,6 @@ def rescore_pass(config: RunConfig, files: list[InputFile], scores_uri: str, key
     """Pass 1b: scorers that read the scored shards (embeddings, labels), each after its driver-side `prepare`.
 
     Returns the folder of shards that carry every score (pass 1's own when there are no such scorers)."""
-    import ray
 
     stages = scorer_stages(config.scorers, "scored")
     if not stages:
@@ -195,19 +193,11 @@ def rescore_pass(config: RunConfig, files: list[InputFile], scores_uri: str, key
         return out_uri
     rfs.delete_dir(out_uri)
     context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), key), files)
-    stages = [
-        (
-            cls,
-            cfg,
-            {
-                "config": cfg,
-                "outputs": outputs,
-                "prepared": cls.prepare(cfg, context) if hasattr(cls, "prepare") else None,
-            },
-        )
-        for cls, cfg, outputs in stages
-    ]
-    ds = map_stages(read_shards(scores_uri), stages, ray.cluster_resources().get("CPU", 1))
+    pools = []
+    for cls, cfg, outputs in stages:
+        prepared = cls.prepare(cfg, context) if hasattr(cls, "prepare") else None
+        pools.append((cls, cfg, {"config": cfg, "outputs": outputs, "prepared": prepared}))
+    ds = map_stages(read_shards(scores_uri), pools)
     write_shards(ds, out_uri, config.shard_rows)
     rfs.write_text(rfs.join(base, "_SUCCESS"), "")
     return out_uri

@@ -78,13 +78,16 @@ def map_stage(ds: Any, cls: type, stage: StageConfig, cpus: float, **constructor
     )
 
 
-def map_stages(ds: Any, stages: list[tuple[type, StageConfig, dict[str, Any]]], total_cpus: float) -> Any:
-    """The model stages in order, each `(class, config, constructor kwargs)` on its own actor pool.
+def map_stages(ds: Any, stages: list[tuple[type, StageConfig, dict[str, Any]]]) -> Any:
+    """The model stages in order, each `(class, config, constructor kwargs)` on its own actor pool, their CPU
+    reservations fitted to the cluster's CPUs.
 
     Blocks are cut to each stage's call size where they may be larger: after the read (blocks of up to
     TARGET_BLOCK_BYTES, any number of rows) and after a stage whose calls are longer than the next one's.
     """
-    cpus = fit_cpus([cfg for _, cfg, _ in stages], total_cpus)
+    import ray
+
+    cpus = fit_cpus([cfg for _, cfg, _ in stages], ray.cluster_resources().get("CPU", 1.0))
     block_rows = None
     for (cls, cfg, kwargs), stage_cpus in zip(stages, cpus, strict=True):
         if block_rows is None or call_rows(cfg) < block_rows:

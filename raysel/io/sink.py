@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raysel._internal.ray_stage import IO_TASK_CPUS
 from raysel.errors import SinkError
 from raysel.io import fs as rfs
 
@@ -99,7 +100,7 @@ class OutputSink:
         fs, path = rfs.resolve(rfs.join(self.staging, "selected"))
         fs.create_dir(path, recursive=True)
         if ds is not None:
-            ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": 0.25})
+            ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
         written = rfs.parquet_rows(rfs.join(self.staging, "selected"))
         if written != expected_rows:
             raise SinkError(f"wrote {written} selected rows where {expected_rows} were chosen; not committing")
