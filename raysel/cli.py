@@ -1,8 +1,16 @@
-"""The `raysel` command: run, validate, demo."""
+"""The `raysel` command: run, validate, demo, serve, report, eval.
+
+Exit codes: 0 done; 2 a mistake the user can fix (the one `error:` line names the field or file and the
+fix); 1 an internal failure (the line names the pass, the run id and whether --resume continues it;
+RAYSEL_DEBUG=1 prints the traceback too); 130 interrupted; 143 terminated (SIGTERM).
+"""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import traceback
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -28,8 +36,12 @@ SetOpt = Annotated[
 
 
 def _fail(err: Exception) -> None:
+    from raysel.errors import RunFailed
+
+    if os.environ.get("RAYSEL_DEBUG") and err.__cause__ is not None:
+        traceback.print_exception(err.__cause__)
     typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(1 if isinstance(err, RunFailed) else 2)
 
 
 @app.command()
@@ -58,6 +70,11 @@ def run(
       select:  {budget: 0.25, policy: stratified, score: entropy, order: desc, seed: 0}
     Scores and embeddings are kept in a work dir (work_dir:, default ~/.cache/raysel/work): a run that
     changes only `select` or `cluster` reuses them and takes seconds.
+    Relative paths (input.path, output.path, work_dir) are resolved from the current directory.
+    A run owns its output folder while it works (OUT/_lock.json): a second run into it is refused.
+    --overwrite keeps the old result until the new one commits.
+    Exit codes: 0 committed; 2 a config, input or output problem (the message says what to change);
+    1 an internal failure (it names the run and whether --resume continues it).
     """
     from raysel.config import load_config
 
@@ -68,6 +85,12 @@ def run(
         _run_and_report(cfg, overwrite=overwrite, resume=resume)
     except RayselError as err:
         _fail(err)
+    except Exception as err:  # outside the passes (starting Ray, listing the input): still one line, exit 1
+        from raysel.errors import RunFailed
+
+        failure = RunFailed(f"{type(err).__name__}: {err}; nothing was committed")
+        failure.__cause__ = err
+        _fail(failure)
 
 
 @app.command()
@@ -207,10 +230,19 @@ def _run_and_report(cfg, overwrite: bool, resume: bool = False) -> None:
         for reason, n in list(m["quarantine_reasons"].items())[:5]:
             typer.echo(f"    {n:>5}  {reason}")
     typer.echo(f"  selected rows: {result.output}/selected/   ledger: {result.output}/ledger/")
-    typer.echo(f"  report: {write_report(result.output)}")
+    try:
+        typer.echo(f"  report: {write_report(result.output)}")
+    except Exception as err:  # the result is committed; a report that fails does not undo it
+        typer.secho(f"  report: not written ({type(err).__name__}: {err}); try `raysel report`", err=True)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    # SIGTERM (a job stopped, a pod evicted) unwinds like Ctrl-C, so a run gives its output folder up.
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except KeyboardInterrupt:

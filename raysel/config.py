@@ -157,11 +157,17 @@ class SelectConfig(_Frozen):
     params: dict[str, Any] = Field(default_factory=dict, description="policy-specific settings (its `Params`)")
     semdedup: SemDedupConfig | None = Field(None, description="drop near-duplicates inside clusters first")
 
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_not_bool(cls, budget: Any) -> Any:
+        # Before pydantic's coercion, which reads YAML `true`/`yes`/`on` as 1.0: every row.
+        if isinstance(budget, bool):
+            raise ValueError(f"must be a fraction in (0, 1] or a row count, got {budget!r} (YAML reads yes/on as true)")
+        return budget
+
     @field_validator("budget")
     @classmethod
     def _budget(cls, budget: float | int) -> float | int:
-        if isinstance(budget, bool):
-            raise ValueError("must be a fraction in (0, 1] or a row count")
         if isinstance(budget, float) and not 0 < budget <= 1:
             raise ValueError(f"a fractional budget must be in (0, 1], got {budget}; write a row count as an integer")
         if isinstance(budget, int) and budget < 1:
@@ -258,6 +264,12 @@ class RunConfig(_Frozen):
                 )
         if self.select.policy == "threshold" and self.select.threshold is None:
             raise ValueError("select.threshold: the `threshold` policy needs a threshold value")
+        for what, path in (("output.path", self.output.path), ("work_dir", self.work_dir)):
+            if path is not None and _is_within(path, input_root(self.input.path)):
+                raise ValueError(
+                    f"{what}: {path!r} is inside the input folder {input_root(self.input.path)!r}, so the next run "
+                    f"would read this run's Parquet files as corpus; put it outside the input"
+                )
         return self
 
     @property
@@ -266,6 +278,24 @@ class RunConfig(_Frozen):
 
     def resolved_work_dir(self) -> str:
         return self.work_dir or str(cache_dir() / "work")
+
+
+def input_root(path: str) -> str:
+    """The folder an input path reads from: a glob's folder before its first wildcard, else the path itself."""
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if any(ch in part for ch in "*?["):
+            return "/".join(parts[:i]) or "."
+    return path
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Lexically, is `path` the folder or under it? (s3:// URIs compared as strings; local paths made absolute)."""
+    if path.startswith("s3://") or folder.startswith("s3://"):
+        path, folder = path.rstrip("/") + "/", folder.rstrip("/") + "/"
+        return path.startswith(folder)
+    path, folder = os.path.abspath(os.path.expanduser(path)), os.path.abspath(os.path.expanduser(folder))
+    return os.path.commonpath([path, folder]) == folder
 
 
 def cache_dir() -> Path:
@@ -285,7 +315,10 @@ def _format_errors(err: ValidationError) -> str:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `dotted.key=value` overrides (values parsed as YAML; list items by index: `scorers.0.batch_size=8`)."""
+    """Apply `dotted.key=value` overrides (values parsed as YAML; list items by index: `scorers.0.batch_size=8`).
+
+    Raises ConfigError naming the override for a bad key, a list index that is not a number or out of range,
+    or a value that is not YAML."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -294,7 +327,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts = key.split(".")
         for part in parts[:-1]:
             if isinstance(node, list):
-                index = int(part)
+                index = _list_index(item, part, node)
                 if isinstance(node[index], str):  # `scorers: [entropy]` shorthand: expand to set a field
                     node[index] = {"name": node[index]}
                 node = node[index]
@@ -303,12 +336,28 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(node, dict | list):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
         last = parts[-1]
-        parsed = yaml.safe_load(value) if value != "" else None
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as err:
+            problem = str(err).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem}); quote it") from None
         if isinstance(node, list):
-            node[int(last)] = parsed
+            node[_list_index(item, last, node)] = parsed
         else:
             node[last] = parsed
     return raw
+
+
+def _list_index(item: str, part: str, node: list) -> int:
+    try:
+        index = int(part)
+    except ValueError:
+        raise ConfigError(f"--set {item!r}: {part!r} is not a list index (the list has {len(node)} items)") from None
+    if not -len(node) <= index < len(node):
+        raise ConfigError(
+            f"--set {item!r}: index {index} is out of range (the list has {len(node)} items: 0..{len(node) - 1})"
+        )
+    return index
 
 
 def parse_config(raw: dict[str, Any]) -> RunConfig:

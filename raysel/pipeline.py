@@ -32,10 +32,10 @@ from raysel.cluster import ClusterAssigner, train_centroids
 from raysel.config import RunConfig, ScorerConfig
 from raysel.context import RunContext, sample_rows
 from raysel.embed import Embedder
-from raysel.errors import SinkError
+from raysel.errors import InputError, RayselError, RunFailed
 from raysel.io import fs as rfs
 from raysel.io.read import CorpusReader, InputFile, check_input, list_input
-from raysel.io.sink import OutputSink
+from raysel.io.sink import OutputSink, is_committed
 from raysel.models import model_fingerprint
 from raysel.scorers import SCORERS
 from raysel.select import POLICIES, Candidates, budget_rows
@@ -61,24 +61,57 @@ def _timed(timings: dict[str, float], name: str):
 def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False) -> RunResult:
     """Run one selection end to end and commit its output. Raises RayselError subclasses on bad input.
 
+    The run owns its output folder from `sink.prepare` to the commit (io/sink.py); on any failure it gives the
+    folder up with the previous result, if any, untouched. A failure that is not the user's is re-raised as
+    RunFailed, which names the pass, the run id and how to continue.
+
     Args:
         config: the run.
-        overwrite: replace a committed or interrupted run in the output folder.
+        overwrite: replace a committed or interrupted run in the output folder (once this one commits).
         resume: continue an interrupted run in the output folder (same config); the work it committed to
             the work dir (scored shards, bandit rounds) is reused, not recomputed.
     """
-    timings: dict[str, float] = {}
     files = list_input(config.input)
     check_input(files, config.input)  # an unusable input fails here, before the output folder is touched
     sink = OutputSink(config.output.path, overwrite=overwrite or config.output.overwrite, resume=resume)
     sink.prepare(config_digest(config))
-    init_ray(config.ray.address)
+    timings: dict[str, float] = {}
+    try:
+        return _run_passes(config, files, sink, timings)
+    except RayselError:
+        sink.abandon()
+        raise
+    except Exception as err:
+        sink.abandon()
+        failed = next((p for p in PASSES if p not in timings), PASSES[-1])
+        if is_committed(config.output.path):
+            how = "the committed result there is untouched; rerun with --overwrite (computed scores are reused)"
+        else:
+            how = "rerun the same command with --resume to continue (computed scores are reused)"
+        raise RunFailed(
+            f"the {failed} pass failed: {type(err).__name__}: {err}\n  run {sink.run_id}; {how}. "
+            "Set RAYSEL_DEBUG=1 for the traceback."
+        ) from err
+    except BaseException:  # KeyboardInterrupt, SystemExit from a signal: give the folder up, then stop
+        sink.abandon()
+        raise
 
+
+PASSES = ("score", "cluster", "select", "write")
+
+
+def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, timings: dict[str, float]) -> RunResult:
+    init_ray(config.ray.address)
     with _timed(timings, "score"):
         scores_uri, score_key, score_info = score_pass(config, files)
         scores_uri = rescore_pass(config, files, scores_uri, score_key)
-    with _timed(timings, "cluster"):
-        centroids, clusters_reused = cluster_pass(config, scores_uri, score_key)
+    reuse = {"scores": {"key": score_key, "uri": scores_uri, **score_info}}
+    try:
+        with _timed(timings, "cluster"):
+            centroids, clusters_reused = cluster_pass(config, scores_uri, score_key)
+    except _NoUsableRows:
+        return _commit_all_quarantined(config, files, sink, scores_uri, timings, reuse)
+    reuse["clusters"] = {"reused": clusters_reused}
     with _timed(timings, "select"):
         table = collect_rows(config, scores_uri, centroids)
         context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), score_key), files)
@@ -87,13 +120,33 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False) -> 
         sink.write_ledger(table)
         written = write_selected(config, files, table, sink)
     counts = dict(Counter(table.column("status").to_pylist()))
-    reuse = {
-        "scores": {"key": score_key, "uri": scores_uri, **score_info},
-        "clusters": {"reused": clusters_reused},
-    }
     manifest = _manifest(config, files, table, counts, timings, selection_info, written, centroids, reuse)
     sink.commit(manifest)  # manifest.json, then _SUCCESS
     return RunResult(config.output.path, manifest, counts)
+
+
+class _NoUsableRows(Exception):
+    """Pass 2 found nothing to cluster: every row was quarantined."""
+
+
+def _commit_all_quarantined(config, files, sink, scores_uri, timings, reuse) -> RunResult:
+    """Commit the ledger of a corpus with no usable row (every row quarantined, with its reason), then fail
+    with the reasons: the user learns why from the message and finds each row in the ledger."""
+    with _timed(timings, "write"):
+        table = collect_rows(config, scores_uri, np.zeros((0, 0), dtype=np.float32))
+        table = table.add_column(1, "status", pa.array(["quarantined"] * table.num_rows, type=pa.string()))
+        sink.write_ledger(table)
+        written = sink.write_selected(None, expected_rows=0)
+    counts = {"quarantined": table.num_rows}
+    info = {"policy": config.select.policy, "budget_rows": 0, "usable_rows": 0}
+    reuse["clusters"] = {"reused": False}
+    manifest = _manifest(config, files, table, counts, timings, info, written, np.zeros((0, 0)), reuse)
+    sink.commit(manifest)
+    top = "; ".join(f"{n} × {r}" for r, n in list(manifest["quarantine_reasons"].items())[:3])
+    raise InputError(
+        f"no usable row in the {table.num_rows} rows read ({top}); nothing was selected. The ledger, committed "
+        f"at {rfs.join(config.output.path, 'ledger')}, gives each row's reason"
+    )
 
 
 # --- pass 1: score -------------------------------------------------------------------------------------------
@@ -238,7 +291,7 @@ def cluster_pass(config: RunConfig, scores_uri: str, key: str) -> tuple[np.ndarr
             return np.load(f), True
     sample = sample_rows(scores_uri, ["embedding"], cfg.sample, cfg.seed).get("embedding", np.empty((0, 0)))
     if len(sample) == 0:
-        raise SinkError("no usable rows to cluster: every row was quarantined (see the reasons in the ledger)")
+        raise _NoUsableRows()
     centroids = train_centroids(sample, cfg)
     fs, path = rfs.resolve(uri)
     import io
