@@ -70,6 +70,12 @@ def exists(uri: str) -> bool:
 
 
 @retried
+def is_file(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+@retried
 def read_text(uri: str) -> str:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
@@ -91,29 +97,69 @@ def delete_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
-@retried
-def list_files(uri: str, suffixes: tuple[str, ...]) -> list[tuple[str, str, int, int]]:
-    """Files under a file, folder or glob: (uri, path relative to the input root, size, mtime_ns), sorted.
+WILDCARDS = "*?["
 
-    The relative path is what stable ids are derived from, so moving a corpus folder keeps its ids.
+
+def is_glob(uri: str) -> bool:
+    return any(ch in uri for ch in WILDCARDS)
+
+
+def _missing(uri: str) -> str:
+    """Says that a path does not exist; a relative one says where it was looked for."""
+    relative = not uri.startswith("s3://") and not os.path.isabs(os.path.expanduser(uri))
+    return f"input.path {uri!r} does not exist" + (f" (relative to {os.getcwd()})" if relative else "")
+
+
+def glob_match(parts: list[str], pattern: list[str]) -> bool:
+    """Shell / pathlib semantics on path levels: `*`, `?`, `[..]` inside one level, `**` any levels (even none)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and glob_match(parts[1:], pattern[1:])
+
+
+def _ignored(rel: str) -> bool:
+    """Hidden and `_`-prefixed files and folders (.git, _SUCCESS, _staging-*) are never input."""
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+@retried
+def list_files(uri: str) -> list[tuple[str, str, int, int]]:
+    """Files of a file, folder or glob: (uri, path relative to the input root, size, mtime_ns), sorted.
+
+    A folder is walked to any depth; a glob's root is its folder before the first wildcard. Hidden and
+    `_`-prefixed files and folders below the root are left out; a file named on its own is listed
+    whatever its name. The relative path is what stable ids are derived from, so moving a corpus folder
+    keeps its ids.
+
+    Raises:
+        InputError: the path, or a glob's folder, does not exist.
     """
     fs, path = resolve(uri)
     prefix = "s3://" if uri.startswith("s3://") else ""
-    if any(ch in path for ch in "*?["):
-        root = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
-        infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if fnmatch.fnmatch(i.path, path)]
+    if is_glob(path):
+        levels = path.split("/")
+        first = next(i for i, level in enumerate(levels) if is_glob(level))
+        root, pattern = "/".join(levels[:first]) or "/", levels[first:]
+        kind = fs.get_file_info(root).type
+        if kind != pafs.FileType.Directory:
+            problem = "does not exist" if kind == pafs.FileType.NotFound else "is not a folder"
+            raise InputError(f"input.path {uri!r}: the folder {prefix + root!r} {problem}")
+        # a pattern of one level needs no walk (listing a large prefix of an object store takes many requests)
+        selector = pafs.FileSelector(root, recursive=len(pattern) > 1 or "**" in pattern)
+        infos = [i for i in fs.get_file_info(selector) if glob_match(posixpath.relpath(i.path, root).split("/"), pattern)]
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise InputError(f"input.path {uri!r} does not exist")
+            raise InputError(_missing(uri))
         if info.type == pafs.FileType.File:
-            root, infos = posixpath.dirname(path), [info]
-        else:
-            root, infos = path, fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            return [(prefix + info.path, info.base_name, info.size or 0, info.mtime_ns or 0)]
+        root, infos = path, fs.get_file_info(pafs.FileSelector(path, recursive=True))
     files = [
-        (prefix + i.path, posixpath.relpath(i.path, root), i.size or 0, i.mtime_ns or 0)
+        (prefix + i.path, rel, i.size or 0, i.mtime_ns or 0)
         for i in infos
-        if i.type == pafs.FileType.File and i.base_name.endswith(suffixes) and not i.base_name.startswith((".", "_"))
+        if i.type == pafs.FileType.File and not _ignored(rel := posixpath.relpath(i.path, root))
     ]
     return sorted(files)
 
@@ -146,23 +192,53 @@ def parquet_rows(uri: str) -> int:
     )
 
 
-FINGERPRINT_BYTES = 1 << 20
+FINGERPRINT_BYTES = 1 << 20  # the head and the tail sampled from a file too large to hash whole
+FULL_HASH_BYTES = 256 << 20  # local files up to this size are hashed whole (~0.5 s each on one core)
+
+
+def fingerprint_method(uri: str, size: int, mtime_ns: int) -> str:
+    """How `fingerprint` keys a file: "sha256" (all its bytes), "mtime+size+sampled" or "size+sampled".
+
+    A local file under FULL_HASH_BYTES is hashed whole: its modification time can be set back (os.utime,
+    cp -p, rsync -t), so only the content is proof. Object-store objects (pyarrow exposes no ETag) and
+    larger local files are keyed by modification time, size and their first and last MiB: an object is
+    replaced whole, and every write sets its modification time, which no client can set back.
+    """
+    if not uri.startswith("s3://") and size <= FULL_HASH_BYTES:
+        return "sha256"
+    return "mtime+size+sampled" if mtime_ns else "size+sampled"
 
 
 @retried
 def fingerprint(uri: str) -> str:
-    """A hash of a file's size and its first and last MiB: cheap on a TB corpus, and it sees most edits."""
+    """A hash that changes when the file's content does, by `fingerprint_method`; part of reuse keys."""
     import hashlib
 
     fs, path = resolve(uri)
-    size = fs.get_file_info(path).size or 0
-    digest = hashlib.sha256(str(size).encode())
+    info = fs.get_file_info(path)
+    size, mtime_ns = info.size or 0, info.mtime_ns or 0
+    method = fingerprint_method(uri, size, mtime_ns)
+    digest = hashlib.sha256(f"{method}:{size}".encode())
     with fs.open_input_file(path) as handle:
-        digest.update(handle.read(FINGERPRINT_BYTES))
-        if size > 2 * FINGERPRINT_BYTES:
-            handle.seek(size - FINGERPRINT_BYTES)
+        if method == "sha256":
+            while chunk := handle.read(8 << 20):
+                digest.update(chunk)
+        else:
+            digest.update(f":{mtime_ns}".encode() if mtime_ns else b"")
             digest.update(handle.read(FINGERPRINT_BYTES))
+            if size > 2 * FINGERPRINT_BYTES:
+                handle.seek(size - FINGERPRINT_BYTES)
+                digest.update(handle.read(FINGERPRINT_BYTES))
     return digest.hexdigest()[:16]
+
+
+def fingerprints(uris: list[str]) -> list[str]:
+    """`fingerprint` of each file, in threads: hashing and pyarrow's reads release the GIL, and an object
+    store's requests mostly wait on the network."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 4)) as pool:
+        return list(pool.map(fingerprint, uris))
 
 
 def settings_digest(settings: object) -> str:

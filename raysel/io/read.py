@@ -1,6 +1,7 @@
 """Reading a corpus: stable ids, and a quarantine reason instead of a crash for every unusable row.
 
-A corpus is a list of files (JSONL or Parquet, local or s3://). `CorpusReader` turns a batch of
+A corpus is a list of files (JSONL, plain or gzip/zstd/bz2-compressed, or Parquet; local or s3://;
+docs/formats.md). `CorpusReader` turns a batch of
 file descriptors into row batches and is Ray-agnostic: the pipeline runs it in a `map_batches`
 over the file list (one task per file, streaming: it yields a batch every `rows_per_batch` rows,
 small enough that the actor stages downstream stream and show progress block by block), and
@@ -14,14 +15,18 @@ Every row that comes out has these columns:
     row         the row number in that file (0-based; for JSONL, the line number - 1)
     reason      "" for a usable row, else why it is quarantined
     text_cut    True when the text was longer than `max_chars` and was cut
-A file that cannot be opened at all yields one quarantine row with row = -1.
+A file that cannot be opened at all yields one quarantine row with row = -1, and so does the rest of a
+compressed file whose stream breaks (cut off or damaged): the rows before the break are kept.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
-from collections.abc import Iterator
+import logging
+import posixpath
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +37,28 @@ from raysel.config import InputConfig
 from raysel.errors import InputError
 from raysel.io import fs as rfs
 
+log = logging.getLogger(__name__)
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}  # suffix -> pyarrow codec; JSONL only
+ACCEPTED = ".jsonl, .json, .ndjson (each also as .gz, .zst, .bz2), .parquet"
 _CHUNK = 8 << 20
+# pyarrow's decompressing read() returns nothing of a call that fails, so a broken stream loses what
+# that call had decompressed: small reads keep nearly every line before the damage
+_COMPRESSED_CHUNK = 64 << 10
+_SKIPPED_SHOWN = 5
+
+
+def file_format(name: str) -> tuple[str | None, str | None]:
+    """(format, compression) of a file from its name's suffixes, in any case: ("jsonl", "zstd") for
+    a.JSONL.zst, ("parquet", None) for b.parquet, (None, ...) for a file that is no input."""
+    stem, suffix = posixpath.splitext(name.lower())
+    compression = COMPRESSIONS.get(suffix)
+    if compression is not None:
+        return ("jsonl" if stem.endswith(JSONL_SUFFIXES) else None), compression
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet", None
+    return ("jsonl" if suffix in JSONL_SUFFIXES else None), None
 
 
 @dataclass(frozen=True)
@@ -45,16 +69,54 @@ class InputFile:
     mtime_ns: int
 
     @property
-    def format(self) -> str:
-        return "parquet" if self.uri.endswith(PARQUET_SUFFIXES) else "jsonl"
+    def format(self) -> str | None:
+        return file_format(self.uri)[0]
+
+    @property
+    def compression(self) -> str | None:
+        return file_format(self.uri)[1]
 
 
-def list_input(cfg: InputConfig) -> list[InputFile]:
-    suffixes = {"auto": JSONL_SUFFIXES + PARQUET_SUFFIXES, "jsonl": JSONL_SUFFIXES, "parquet": PARQUET_SUFFIXES}
-    files = [InputFile(*f) for f in rfs.list_files(cfg.path, suffixes[cfg.format])]
+class InputFiles(list):
+    """The files a run reads, plus `skipped`: the files the input path named that are of no accepted format
+    (relative paths, sorted). Hidden and `_`-prefixed files are not among them: they are never input."""
+
+    def __init__(self, files: Iterable[InputFile] = (), skipped: Iterable[str] = ()) -> None:
+        super().__init__(files)
+        self.skipped = tuple(skipped)
+
+
+def list_input(cfg: InputConfig) -> InputFiles:
+    """The files of `input.path` of the configured format; the others are logged and kept in `.skipped`.
+
+    Raises:
+        InputError: the path does not exist, names a single file of no accepted format, or holds none.
+    """
+    wanted = ("jsonl", "parquet") if cfg.format == "auto" else (cfg.format,)
+    listed = [InputFile(*f) for f in rfs.list_files(cfg.path)]
+    files = InputFiles(
+        (f for f in listed if f.format in wanted), skipped=(f.rel for f in listed if f.format not in wanted)
+    )
     if not files:
-        raise InputError(f"input.path {cfg.path!r} holds no {'/'.join(suffixes[cfg.format])} files")
+        if not rfs.is_glob(cfg.path) and rfs.is_file(cfg.path):  # named on its own: "skipped" would hide it
+            raise InputError(f"input.path {cfg.path!r} is not an input file (accepted: {_accepted(cfg)})")
+        raise InputError(f"input.path {cfg.path!r} holds no input files (accepted: {_accepted(cfg)})")
+    if files.skipped:
+        shown = ", ".join(files.skipped[:_SKIPPED_SHOWN]) + (", ..." if len(files.skipped) > _SKIPPED_SHOWN else "")
+        log.warning(
+            "input.path %r: skipped %d files of no accepted format (%s): %s", cfg.path, len(files.skipped), _accepted(cfg), shown
+        )
     return files
+
+
+def _accepted(cfg: InputConfig) -> str:
+    return {"auto": ACCEPTED, "jsonl": ACCEPTED.rsplit(", ", 1)[0], "parquet": ".parquet"}[cfg.format]
+
+
+def open_jsonl(uri: str) -> Any:
+    """A stream of a JSONL file's bytes, decompressed as it is read when its suffix names a codec."""
+    fs, path = rfs.resolve(uri)
+    return fs.open_input_stream(path, compression=file_format(uri)[1])
 
 
 def check_input(files: list[InputFile], cfg: InputConfig) -> None:
@@ -63,13 +125,13 @@ def check_input(files: list[InputFile], cfg: InputConfig) -> None:
 
     seen_columns: set[str] = set()
     for f in files[:32]:
-        fs, path = rfs.resolve(f.uri)
         try:
             if f.format == "parquet":
+                fs, path = rfs.resolve(f.uri)
                 seen_columns.update(pq.ParquetFile(fs.open_input_file(path)).schema_arrow.names)
             else:
-                with fs.open_input_stream(path) as stream:
-                    head = stream.read(1 << 20).decode("utf-8", errors="replace").splitlines()[:100]
+                with open_jsonl(f.uri) as stream:
+                    head = stream.read(1 << 20).decode("utf-8-sig", errors="replace").splitlines()[:100]
                 for line in head:
                     try:
                         rec = json.loads(line)
@@ -123,7 +185,7 @@ class CorpusReader:
 
     def __call__(self, files: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray] | pa.Table]:
         for uri, rel in zip(files["uri"], files["rel"], strict=True):
-            if str(uri).endswith(PARQUET_SUFFIXES):
+            if file_format(str(uri))[0] == "parquet":
                 yield from self._parquet(str(uri), str(rel))
             else:
                 yield from self._jsonl(str(uri), str(rel))
@@ -133,28 +195,34 @@ class CorpusReader:
         rows: list[tuple] = []
         records: list[dict] = []
         skip = self.skip_rows.get(rel, frozenset())
-        fs, path = rfs.resolve(uri)
         try:
-            stream = fs.open_input_stream(path)
+            stream = open_jsonl(uri)
         except OSError as err:
             if -1 not in skip:
                 yield self._rows([(stable_id(rel, -1), "", None, rel, -1, f"unreadable file: {err}", False)])
             return
+        lines = _Lines(stream, compressed=file_format(uri)[1] is not None)
         with stream:
-            for row, raw in enumerate(_lines(stream)):
+            for row, raw in enumerate(lines):
+                if row == 0:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)  # some editors start UTF-8 files with a BOM
                 if not raw.strip() or row in skip:
                     continue  # a blank line is no record
+                parsed = _parse_json_line(raw, self.config.text_field)
                 if self.keep_rows is not None:
                     if row in self.keep_rows.get(rel, ()):
-                        records.append({**_parse_json_line(raw)[0], "__source": rel, "__row": row})
+                        records.append({**parsed[0], "__source": rel, "__row": row})
                     if len(records) >= self.rows_per_batch:
                         yield pa.Table.from_pylist(records)
                         records = []
                     continue
-                rows.append(self._row(*_parse_json_line(raw), rel, row))
+                rows.append(self._row(*parsed, rel, row))
                 if len(rows) >= self.rows_per_batch:
                     yield self._rows(rows)
                     rows = []
+        if lines.error is not None and self.keep_rows is None and -1 not in skip:
+            reason = f"compressed stream broken after line {lines.count}: {lines.error}"
+            rows.append((stable_id(rel, -1), "", None, rel, -1, reason, False))
         if rows:
             yield self._rows(rows)
         if records:
@@ -245,18 +313,42 @@ class CorpusReader:
         return out
 
 
-def _lines(stream: Any) -> Iterator[bytes]:
-    """Lines of a binary stream, read in large chunks (pyarrow streams have no line iterator)."""
-    tail = b""
-    while chunk := stream.read(_CHUNK):
-        parts = (tail + chunk).split(b"\n")
-        tail = parts.pop()
-        yield from parts
-    if tail:
-        yield tail
+class _Lines:
+    """The lines of a binary stream, read in large chunks (pyarrow streams have no line iterator).
+
+    For a compressed stream, a read that fails (a file cut off or damaged) ends the lines instead of
+    raising: `error` keeps why, `count` says how many whole lines came before. The partial line at the
+    break is not one of them. A plain file's read error is raised: the file may be fine, the store at fault.
+    """
+
+    def __init__(self, stream: Any, *, compressed: bool) -> None:
+        self.stream = stream
+        self.chunk = _COMPRESSED_CHUNK if compressed else _CHUNK
+        self.catch = (OSError, pa.ArrowException) if compressed else ()
+        self.count = 0
+        self.error: Exception | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        tail = b""
+        while True:
+            try:
+                chunk = self.stream.read(self.chunk)
+            except self.catch as err:
+                self.error = err
+                return
+            if not chunk:
+                break
+            parts = (tail + chunk).split(b"\n")
+            tail = parts.pop()
+            for part in parts:
+                self.count += 1
+                yield part
+        if tail:
+            self.count += 1
+            yield tail
 
 
-def _parse_json_line(raw: bytes) -> tuple[dict | None, str]:
+def _parse_json_line(raw: bytes, text_field: str) -> tuple[dict | None, str]:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -267,4 +359,36 @@ def _parse_json_line(raw: bytes) -> tuple[dict | None, str]:
         return None, f"malformed JSON: {err.msg} at column {err.colno}"
     if not isinstance(record, dict):
         return None, f"not a JSON object ({type(record).__name__})"
+    if b"\\u" in raw and (reason := _invalid_unicode(record, text_field)):  # only a \u escape makes one
+        return None, reason
     return record, ""
+
+
+def _invalid_unicode(record: dict, text_field: str) -> str:
+    """Why a record holds a string with a lone surrogate ("\\ud800" is valid JSON), else "".
+
+    Such a string is no Unicode text: it cannot be encoded to UTF-8, so no tokenizer or Arrow column
+    takes it, and one such row would fail the whole run downstream.
+    """
+    for key, value in record.items():
+        if (at := _surrogate_at(value)) is not None:
+            what = "text" if key == text_field else f"field {key!r}"
+            return f"{what} is not valid unicode (lone surrogate at character {at})"
+        if _surrogate_at(key) is not None:
+            return f"field {key!a} is not valid unicode (lone surrogate in its name)"
+    return ""
+
+
+def _surrogate_at(value: Any) -> int | None:
+    """The position of the first lone surrogate in a string, or in any string inside a list or dict."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return err.start
+        return None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        return next((at for item in value if (at := _surrogate_at(item)) is not None), None)
+    return None

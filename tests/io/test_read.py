@@ -108,3 +108,39 @@ def test_listing_and_whole_input_errors(tmp_path):
         check_input(files, InputConfig(path=str(tmp_path)))
     check_input(files, InputConfig(path=str(tmp_path), text_field="body"))
     assert [f.rel for f in list_input(InputConfig(path=str(tmp_path / "*.jsonl")))] == ["a.jsonl"]
+
+
+def test_lone_surrogate_escapes_are_quarantined_not_passed_on(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(
+        b'{"id": "1", "text": "ok \\ud83d\\ude00 pair"}\n'  # an escaped surrogate *pair* is one valid character
+        b'{"id": "2", "text": "bad\\ud800 text"}\n'
+        b'{"id": "3\\uDC00", "text": "bad id"}\n'
+        b'{"id": "4", "text": "fine", "title": "x\\udfff"}\n'
+        b'{"id": "5", "text": "a literal \\\\ud800 is text"}\n'
+    )
+    out = _read(InputConfig(path=str(path), id_field="id"), "c.jsonl", str(path))
+    assert out["reason"] == [
+        "",
+        "text is not valid unicode (lone surrogate at character 3)",
+        "field 'id' is not valid unicode (lone surrogate at character 1)",
+        "field 'title' is not valid unicode (lone surrogate at character 1)",
+        "",
+    ]
+    assert out["text"][0] == "ok \U0001f600 pair" and out["text"][4] == "a literal \\ud800 is text"
+    assert out["id"][2] == stable_id("c.jsonl", 2)  # the bad id is not passed on either
+    pa.table({k: pa.array(v) for k, v in out.items()})  # every value converts to Arrow (the next stage's need)
+
+
+def test_a_utf8_bom_before_the_first_record_is_not_part_of_it(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"body": "first"}\n{"body": "second"}\n')
+    out = _read(InputConfig(path=str(path), text_field="body"), "c.jsonl", str(path))
+    assert out["reason"] == ["", ""] and out["text"] == ["first", "second"]
+    records = _read(InputConfig(path=str(path)), "c.jsonl", str(path), keep_rows={"c.jsonl": [0]})
+    assert [(r["body"], r["__row"]) for r in records] == [("first", 0)]
+    path.write_bytes(b'\xef\xbb\xbf{"body": "only"}\n')
+    files = list_input(InputConfig(path=str(path)))
+    check_input(files, InputConfig(path=str(path), text_field="body"))
+    with pytest.raises(InputError, match="no input file has the text field 'text'"):
+        check_input(files, InputConfig(path=str(path)))

@@ -1,5 +1,6 @@
 """Input, work dir and output on a real S3 server (SeaweedFS on loopback)."""
 
+import bz2
 import json
 import os
 import subprocess
@@ -7,12 +8,16 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import pytest
 
-from raysel.config import parse_config
+from raysel.config import InputConfig, parse_config
+from raysel.errors import InputError
 from raysel.io import fs as rfs
+from raysel.io.read import CorpusReader, check_input, list_input
 from raysel.pipeline import run
 from tests.conftest import bbc_sample
 
@@ -97,3 +102,43 @@ def test_outage_during_a_run_completes_or_fails_clearly_without_success(s3_serve
     else:
         assert not committed, out[-3000:]
         assert "error:" in out, out[-3000:]
+
+
+def test_compressed_input_is_listed_and_streamed_from_s3(s3_server):
+    fs = s3_server.filesystem()
+    lines = [json.dumps({"id": f"r{i}", "text": f"row {i} " + "word " * 10}).encode() + b"\n" for i in range(20_000)]
+    body, ten = b"".join(lines), b"".join(lines[:10])
+    with fs.open_output_stream(f"{BUCKET}/packed/corpus/a.jsonl.gz", compression="gzip") as f:
+        f.write(ten)
+    with fs.open_output_stream(f"{BUCKET}/packed/corpus/sub/b.JSONL.ZST", compression="zstd") as f:
+        f.write(ten)
+    cut = bz2.compress(body)  # two 900 kB blocks; a cut inside the second keeps the rows of the first
+    with fs.open_output_stream(f"{BUCKET}/packed/corpus/c.ndjson.bz2", compression=None) as f:
+        f.write(cut[: len(cut) * 9 // 10])
+    with fs.open_output_stream(f"{BUCKET}/packed/corpus/notes.txt") as f:
+        f.write(b"not a corpus file")
+    cfg = InputConfig(path=f"s3://{BUCKET}/packed/corpus", id_field="id")
+    files = list_input(cfg)
+    assert [f.rel for f in files] == ["a.jsonl.gz", "c.ndjson.bz2", "sub/b.JSONL.ZST"] and files.skipped == (
+        "notes.txt",
+    )
+    check_input(files, cfg)
+    batches = list(
+        CorpusReader(cfg)({"uri": np.array([f.uri for f in files]), "rel": np.array([f.rel for f in files])})
+    )
+    out = {k: np.concatenate([b[k] for b in batches]).tolist() for k in batches[0]}
+    rows = list(zip(out["source"], out["row"], out["reason"], strict=True))
+    assert rows[:10] == [("a.jsonl.gz", i, "") for i in range(10)]
+    assert rows[-10:] == [("sub/b.JSONL.ZST", i, "") for i in range(10)]
+    broken = [r for r in rows if r[0] == "c.ndjson.bz2"]
+    assert broken[-1][1] == -1 and broken[-1][2].startswith(f"compressed stream broken after line {len(broken) - 1}: ")
+    assert 0 < len(broken) - 1 < 20_000 and [r[1] for r in broken[:-1]] == list(range(len(broken) - 1))
+    # globs follow one level per `*`, any depth for `**`; a missing folder is named
+    assert [f.rel for f in list_input(InputConfig(path=f"s3://{BUCKET}/packed/corpus/*.gz"))] == ["a.jsonl.gz"]
+    assert [f.rel for f in list_input(InputConfig(path=f"s3://{BUCKET}/packed/**/*.ZST"))] == [
+        "corpus/sub/b.JSONL.ZST"
+    ]
+    with pytest.raises(InputError, match=r"folder 's3://raysel-test/packed/nope' does not exist"):
+        list_input(InputConfig(path=f"s3://{BUCKET}/packed/nope/*.jsonl"))
+    with pytest.raises(InputError, match=r"does not exist$"):
+        list_input(InputConfig(path=f"s3://{BUCKET}/packed/nope.jsonl"))
