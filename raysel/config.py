@@ -58,7 +58,10 @@ class StageConfig(_Frozen):
 
 
 class InputConfig(_Frozen):
-    path: str = Field(description="a .jsonl/.json/.parquet file, a folder, or a glob; local or s3://")
+    path: str = Field(
+        description="a .jsonl/.json/.ndjson (also .gz/.zst/.bz2) or .parquet file, a folder, or a glob "
+        "(`*` within one folder level, `**` any depth); local or s3://; docs/formats.md"
+    )
     format: Literal["auto", "jsonl", "parquet"] = "auto"
     text_field: str = "text"
     id_field: str | None = Field(None, description="column holding a stable id; default: hash of file + row")

@@ -164,7 +164,11 @@ def score_key(config: RunConfig, files: list[InputFile]) -> str:
     scorer_settings = [s.model_dump(include={"name", "model", "max_tokens", "device", "params"}) for s in text_scorers]
     key = {
         "format": SCORES_FORMAT,
-        "files": [(f.rel, f.size, rfs.fingerprint(f.uri)) for f in files],
+        # per file, its content's hash and how it was taken (rfs.fingerprint_method; the manifest counts them)
+        "files": [
+            (f.rel, f.size, digest, rfs.fingerprint_method(f.uri, f.size, f.mtime_ns))
+            for f, digest in zip(files, rfs.fingerprints([f.uri for f in files]), strict=True)
+        ],
         "input": config.input.model_dump(exclude={"path"}),
         "embed": config.embed.model_dump(include={"model", "max_tokens", "device"}),
         "embed_model": model_fingerprint(config.embed.model, "encoder"),
@@ -437,6 +441,7 @@ def _manifest(config, files, table, counts, timings, selection_info, written, ce
         for r, s in zip(table.column("reason").to_pylist(), table.column("status").to_pylist(), strict=True)
         if s == "quarantined"
     )
+    skipped = getattr(files, "skipped", ())  # list_input's InputFiles; a plain list skipped nothing
     flags = {
         c: int(pa.compute.sum(table.column(c)).as_py() or 0)
         for c in ("text_cut", "embed_cut", "lm_cut")
@@ -446,7 +451,13 @@ def _manifest(config, files, table, counts, timings, selection_info, written, ce
         "raysel_version": __version__,
         "created_unix": round(time.time(), 3),
         "config": json.loads(config.model_dump_json()),
-        "input": {"files": len(files), "bytes": sum(f.size for f in files), "rows": table.num_rows},
+        "input": {
+            "files": len(files),
+            "bytes": sum(f.size for f in files),
+            "rows": table.num_rows,
+            "fingerprint": dict(Counter(rfs.fingerprint_method(f.uri, f.size, f.mtime_ns) for f in files)),
+            "skipped_files": {"count": len(skipped), "names": list(skipped[:100])},  # files of no input format
+        },
         "counts": {s: counts.get(s, 0) for s in ("selected", "rejected", "quarantined")},
         "quarantine_reasons": dict(reasons.most_common(20)),
         "truncated": flags,
