@@ -81,8 +81,25 @@ class InputConfig(_Frozen):
 
 
 class OutputConfig(_Frozen):
+    """Where the result goes, and the form of OUT/selected (README: the output)."""
+
     path: str
     overwrite: bool = False
+    format: Literal["parquet", "jsonl", "jsonl.gz", "jsonl.zst"] = Field(
+        "parquet", description="the selected records' format; JSONL writes each record from its original line"
+    )
+    annotate: bool = Field(True, description="add raysel's columns (id, cluster, scores) to the selected records")
+    prefix: str = Field("", description="put before raysel's column names (e.g. raysel_) so none replaces a field")
+    shard_rows: int | None = Field(None, gt=0, description="rows per selected shard (the last may be smaller)")
+    shard_bytes: int | None = Field(
+        None, gt=0, description="about this many (uncompressed) bytes per shard; default 128 MiB, if no shard_rows"
+    )
+
+    @model_validator(mode="after")
+    def _one_shard_size(self) -> OutputConfig:
+        if self.shard_rows is not None and self.shard_bytes is not None:
+            raise ValueError("give one of shard_rows or shard_bytes, not both")
+        return self
 
 
 class EmbedConfig(StageConfig):

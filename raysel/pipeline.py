@@ -34,6 +34,7 @@ from raysel.context import RunContext, sample_rows
 from raysel.embed import Embedder
 from raysel.errors import InputError, RayselError, RunFailed
 from raysel.io import fs as rfs
+from raysel.io import selected
 from raysel.io.read import CorpusReader, InputFile, check_input, list_input
 from raysel.io.sink import OutputSink, is_committed
 from raysel.models import model_fingerprint
@@ -88,8 +89,9 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False) -> 
             how = "the committed result there is untouched; rerun with --overwrite (computed scores are reused)"
         else:
             how = "rerun the same command with --resume to continue (computed scores are reused)"
+        cause = _root_cause(err)
         raise RunFailed(
-            f"the {failed} pass failed: {type(err).__name__}: {err}\n  run {sink.run_id}; {how}. "
+            f"the {failed} pass failed: {type(cause).__name__}: {cause}\n  run {sink.run_id}; {how}. "
             "Set RAYSEL_DEBUG=1 for the traceback."
         ) from err
     except BaseException:  # KeyboardInterrupt, SystemExit from a signal: give the folder up, then stop
@@ -98,6 +100,15 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False) -> 
 
 
 PASSES = ("score", "cluster", "select", "write")
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The error under Ray's wrappers (RayTaskError → UserCodeException → the UDF's own exception)."""
+    seen = {id(err)}
+    while (inner := getattr(err, "cause", None) or err.__cause__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    return err
 
 
 def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, timings: dict[str, float]) -> RunResult:
@@ -136,7 +147,7 @@ def _commit_all_quarantined(config, files, sink, scores_uri, timings, reuse) -> 
         table = collect_rows(config, scores_uri, np.zeros((0, 0), dtype=np.float32))
         table = table.add_column(1, "status", pa.array(["quarantined"] * table.num_rows, type=pa.string()))
         sink.write_ledger(table)
-        written = sink.write_selected(None, expected_rows=0)
+        written = write_selected(config, files, table, sink)
     counts = {"quarantined": table.num_rows}
     info = {"policy": config.select.policy, "budget_rows": 0, "usable_rows": 0}
     reuse["clusters"] = {"reused": False}
@@ -394,38 +405,76 @@ def _column(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray | None:
 # --- pass 4: write -------------------------------------------------------------------------------------------
 
 
+DEFAULT_SHARD_BYTES = 128 << 20
+
+
 def write_selected(config: RunConfig, files: list[InputFile], table: pa.Table, sink: OutputSink) -> int:
-    """Join the selected rows back to their original records (all input columns) and write them."""
+    """Write the selected rows, joined back to their original records, as even shards with an index
+    (raysel/io/selected.py); returns the rows written, verified by the sink."""
     import ray
 
+    out = config.output
     chosen = table.filter(pa.compute.equal(table.column("status"), "selected"))
-    if chosen.num_rows == 0:
-        return sink.write_selected(None, expected_rows=0)
-    attach_cols = ["source", "row", "id", "cluster", *config.score_columns]
-    attach = chosen.select(attach_cols).rename_columns(["__source", "__row", *attach_cols[2:]])
+    annotate = ["id", "cluster", *config.score_columns] if out.annotate else []
+    attach = chosen.select(["source", "row", *annotate]).rename_columns(
+        [selected.SOURCE, selected.ROW, *(out.prefix + c for c in annotate)]
+    )
     keep_rows: dict[str, list[int]] = {}
     for rel, row in zip(chosen.column("source").to_pylist(), chosen.column("row").to_pylist(), strict=True):
         keep_rows.setdefault(rel, []).append(row)
-    wanted = [f for f in files if f.rel in keep_rows]
-    ds = ray.data.from_items([{"uri": f.uri, "rel": f.rel} for f in wanted], override_num_blocks=len(wanted))
-    ds = ds.map_batches(
-        _read_selected,
-        fn_kwargs={"config": config.input, "keep_rows": keep_rows, "attach": ray.put(attach)},
-        batch_size=1,
-        num_cpus=IO_TASK_CPUS,
+    parts_uri = rfs.join(sink.staging, "parts")
+    wanted = [
+        {"uri": f.uri, "rel": f.rel, "part": rfs.join(parts_uri, f"{i:06d}.parquet")}
+        for i, f in enumerate(files)
+        if f.rel in keep_rows
+    ]
+    parts: list[selected.Part] = []
+    if wanted:
+        ds = ray.data.from_items(wanted, override_num_blocks=len(wanted)).map_batches(
+            _write_part,
+            fn_kwargs={"config": config.input, "keep_rows": keep_rows, "attach": ray.put(attach)},
+            batch_size=1,
+            num_cpus=IO_TASK_CPUS,
+        )
+        parts = sorted(selected.Part(r["part"], int(r["rows"])) for r in ds.take_all() if r["rows"])
+    shard_uri = sink.selected_uri
+    schema = selected.shared_schema([selected.part_schema(p) for p in parts], drop=(selected.RAW_JSON,))
+    rows = selected.rows_per_shard(
+        parts, shard_rows=out.shard_rows, shard_bytes=out.shard_bytes or DEFAULT_SHARD_BYTES
     )
-    return sink.write_selected(ds, expected_rows=chosen.num_rows)
+    plan = selected.plan_shards(parts, rows)
+    ext = selected.EXTENSIONS[out.format]
+    shards = [{"slices": json.dumps(s), "uri": rfs.join(shard_uri, f"part-{j:05d}{ext}")} for j, s in enumerate(plan)]
+    entries: list[dict[str, Any]] = []
+    if shards:
+        ds = ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
+            _write_shard,
+            fn_kwargs={"schema": schema, "fmt": out.format, "annotate": [out.prefix + c for c in annotate]},
+            batch_size=1,
+            num_cpus=IO_TASK_CPUS,
+        )
+        entries = sorted(ds.take_all(), key=lambda e: e["name"])
+    rfs.delete_dir(parts_uri)
+    return sink.write_selected_index(selected.index(out.format, schema, entries), expected_rows=chosen.num_rows)
 
 
-def _read_selected(batch: dict[str, np.ndarray], config: Any, keep_rows: dict, attach: Any):
+def _write_part(batch: dict[str, np.ndarray], config: Any, keep_rows: dict, attach: Any) -> dict[str, list]:
     import ray
 
     attach_table = ray.get(attach) if isinstance(attach, ray.ObjectRef) else attach
-    reader = CorpusReader(config, keep_rows={r: keep_rows[r] for r in batch["rel"]})
-    for records in reader(batch):
-        clash = [c for c in attach_table.column_names if c in records.column_names and not c.startswith("__")]
-        joined = records.drop_columns(clash).join(attach_table, keys=["__source", "__row"], join_type="inner")
-        yield joined.sort_by([("__source", "ascending"), ("__row", "ascending")]).drop_columns(["__source", "__row"])
+    rows = [
+        selected.write_part(str(uri), str(rel), str(part), config=config, rows=keep_rows[rel], attach=attach_table)
+        for uri, rel, part in zip(batch["uri"], batch["rel"], batch["part"], strict=True)
+    ]
+    return {"part": [str(p) for p in batch["part"]], "rows": rows}
+
+
+def _write_shard(batch: dict[str, np.ndarray], schema: pa.Schema, fmt: str, annotate: list[str]) -> dict[str, list]:
+    entries = [
+        selected.write_shard(json.loads(str(s)), uri=str(u), schema=schema, fmt=fmt, annotate=annotate)
+        for s, u in zip(batch["slices"], batch["uri"], strict=True)
+    ]
+    return {k: [e[k] for e in entries] for k in selected.INDEX_KEYS}
 
 
 def _manifest(config, files, table, counts, timings, selection_info, written, centroids, reuse) -> dict[str, Any]:

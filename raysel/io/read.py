@@ -36,6 +36,7 @@ import pyarrow as pa
 from raysel.config import InputConfig
 from raysel.errors import InputError
 from raysel.io import fs as rfs
+from raysel.io.selected import records_table
 
 log = logging.getLogger(__name__)
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -161,8 +162,9 @@ class CorpusReader:
     skips the rows an interrupted run already scored.
 
     With `keep_rows` ({relative file: row numbers}), yields instead the full original records of
-    just those rows as Arrow tables, plus `__source` and `__row`: that is how the selected subset is
-    joined back to the input (all columns, original types), exactly, even where ids repeat.
+    just those rows as Arrow tables, plus `__source` and `__row` (and, from JSONL, `__json`: the original
+    line): that is how the selected subset is joined back to the input (all columns, original types),
+    exactly, even where ids repeat. JSON fields without one type are handled by io/selected.records_table.
 
     Example:
         >>> reader = CorpusReader(InputConfig(path="corpus.jsonl"))            # doctest: +SKIP
@@ -211,9 +213,9 @@ class CorpusReader:
                 parsed = _parse_json_line(raw, self.config.text_field)
                 if self.keep_rows is not None:
                     if row in self.keep_rows.get(rel, ()):
-                        records.append({**parsed[0], "__source": rel, "__row": row})
+                        records.append({**parsed[0], "__source": rel, "__row": row, "__json": raw.decode()})
                     if len(records) >= self.rows_per_batch:
-                        yield pa.Table.from_pylist(records)
+                        yield records_table(records)
                         records = []
                     continue
                 rows.append(self._row(*parsed, rel, row))
@@ -226,7 +228,7 @@ class CorpusReader:
         if rows:
             yield self._rows(rows)
         if records:
-            yield pa.Table.from_pylist(records)
+            yield records_table(records)
 
     # --- Parquet -----------------------------------------------------------------------------------------
     def _parquet(self, uri: str, rel: str) -> Iterator[dict[str, np.ndarray] | pa.Table]:

@@ -43,7 +43,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raysel._internal.ray_stage import IO_TASK_CPUS
 from raysel.errors import SinkError
 from raysel.io import fs as rfs
 
@@ -304,15 +303,26 @@ class OutputSink:
             with fs.open_output_stream(f"{path}/part-{part:05d}.parquet") as out:
                 pq.write_table(table.slice(start, LEDGER_ROWS_PER_FILE), out)
 
-    def write_selected(self, ds: Any, *, expected_rows: int) -> int:
-        """Write a Ray dataset of selected rows; verify the row count from the files' footers."""
-        fs, path = rfs.resolve(rfs.join(self.staging, "selected"))
+    @property
+    def selected_uri(self) -> str:
+        """Where the selected shards are staged (io/selected.py writes them)."""
+        return rfs.join(self.staging, "selected")
+
+    def write_selected_index(self, index: dict[str, Any], *, expected_rows: int) -> int:
+        """Check the staged shards against `index` and the selection, then write selected/_index.json.
+
+        Raises SinkError, so that nothing is committed, when a shard is missing, has another size, or the rows
+        differ from the rows chosen (counted from the Parquet footers where the format is Parquet)."""
+        fs, path = rfs.resolve(self.selected_uri)
         fs.create_dir(path, recursive=True)
-        if ds is not None:
-            ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": IO_TASK_CPUS})
-        written = rfs.parquet_rows(rfs.join(self.staging, "selected"))
-        if written != expected_rows:
+        for shard in index["shards"]:
+            info = fs.get_file_info(f"{path}/{shard['name']}")
+            if info.type != pafs.FileType.File or info.size != shard["bytes"]:
+                raise SinkError(f"selected shard {shard['name']} is missing or not as written; not committing")
+        written = rfs.parquet_rows(self.selected_uri) if index["format"] == "parquet" else index["rows"]
+        if written != expected_rows or index["rows"] != expected_rows:
             raise SinkError(f"wrote {written} selected rows where {expected_rows} were chosen; not committing")
+        rfs.write_text(rfs.join(self.selected_uri, "_index.json"), json.dumps(index, indent=2))
         return written
 
     def commit(self, manifest: dict[str, Any]) -> None:
