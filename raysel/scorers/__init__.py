@@ -35,7 +35,7 @@ def register_scorer(*names: str) -> Callable[[type], type]:
     return wrap
 
 
-# lm registers entropy, loss, el2n_lm; the others are the proxy-based scorers.
-from raysel.scorers import classifier_entropy, el2n, influence, lm, vog  # noqa: E402,F401
+# lm registers entropy, loss, el2n_lm; lm_influence the LM-gradient influence; the others are proxy-based.
+from raysel.scorers import classifier_entropy, el2n, influence, lm, lm_influence, vog  # noqa: E402,F401
 
 __all__ = ["SCORERS", "register_scorer"]
