@@ -133,14 +133,19 @@ def demo(
 @app.command()
 def serve(
     config: Annotated[
-        Path | None, typer.Option(help="Serve config YAML: scorers, embed, limits, batching, replicas.")
+        Path | None,
+        typer.Option(help="Serve config YAML: scorers, embed, limits, batching, replicas, auth_token_env."),
     ] = None,
-    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 to expose beyond this machine).")] = (
-        "127.0.0.1"
-    ),
+    host: Annotated[
+        str, typer.Option(help="Interface to listen on: loopback by default; 0.0.0.0 exposes it beyond this machine.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     address: Annotated[
-        str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else a local cluster).")
+        str | None,
+        typer.Option(
+            help="Ray cluster to join: host:port, or `auto` for the one `ray start` started on this machine "
+            "(default: RAY_ADDRESS, else a new local cluster of the service's own)."
+        ),
     ] = None,
 ) -> None:
     """Start the scoring service (Ray Serve): POST /v1/score {"texts": [...], "scorers": [...]}, GET /healthz.
@@ -149,9 +154,14 @@ def serve(
     A serve config (every section optional; `scorers` and `embed` take a run config's sections):
       scorers:  [{name: entropy, max_tokens: 128}, {name: loss, max_tokens: 128}]
       embed:    {model: minilm}                                   # serves `embedding`; null turns it off
-      limits:   {max_texts: 32, max_chars: 20000, max_body_bytes: 4194304}
+      limits:   {max_texts: 32, max_chars: 20000, max_body_bytes: 4194304, read_timeout_s: 10}
       batching: {max_texts: 32, wait_s: 0.01}                     # serve.batch across requests
       replicas: {min: 1, max: 2, target_ongoing_requests: 4, resources: {cpus: 1, gpus: 0}}
+      auth_token_env: RAYSEL_TOKEN     # requests but /healthz need `Authorization: Bearer $RAYSEL_TOKEN`
+
+    \b
+    It joins only the cluster --address or RAY_ADDRESS names, and on exit deletes only its own app there.
+    Without either it starts a local cluster of its own and ends all of it on exit.
     """
     from raysel.serve import serve_forever
 

@@ -12,7 +12,10 @@ same settings. A score is `null` for an empty text (`reason` says so); `truncate
 was longer than a scorer's `max_tokens`.
 
 Bad requests get a status and a message that says what to change:
-    400  the body is not JSON, or it names a scorer the service does not serve (the message lists those it does)
+    400  the body is not JSON (or nests too deeply to parse), or it names a scorer the service does not serve
+         (the message lists those it does)
+    401  `auth_token_env` is set and the request has no `Authorization: Bearer <token>` with that token
+    408  the body did not arrive within `limits.read_timeout_s`
     413  the body, one text, or the number of texts is over the service's limits
     422  the body has the wrong shape: not an object, an unknown field, `texts` not a list of strings...
     404 / 405  an unknown path / the wrong method
@@ -31,8 +34,11 @@ Layers, so that everything but the HTTP wrapper runs without Ray:
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import math
+import os
+import re
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +66,9 @@ class Limits(_Frozen):
     max_texts: int = Field(32, gt=0, description="texts per request")
     max_chars: int = Field(20_000, gt=0, description="characters per text")
     max_body_bytes: int = Field(4 << 20, gt=0, description="bytes per request body")
+    read_timeout_s: float = Field(
+        10, gt=0, le=600, description="seconds the whole body may take to arrive; a slower one gets 408"
+    )
 
 
 class Batching(_Frozen):
@@ -103,6 +112,18 @@ class ServeConfig(_Frozen):
     limits: Limits = Limits()
     batching: Batching = Batching()
     replicas: Replicas = Replicas()
+    auth_token_env: str | None = Field(
+        None,
+        description="the environment variable that holds a bearer token every request but GET /healthz must "
+        "send (`Authorization: Bearer <token>`); unset: no authentication",
+    )
+
+    @field_validator("auth_token_env")
+    @classmethod
+    def _env_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"{name!r} is not an environment variable name: give the variable's name, not a token")
+        return name
 
     @field_validator("scorers")
     @classmethod
@@ -196,6 +217,10 @@ def parse_request(body: bytes, config: ServeConfig) -> tuple[list[str], list[str
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise RequestError(400, f'the body is not valid JSON ({err}); send {{"texts": [...]}}') from None
+    except RecursionError:  # the parser recurses once per nested array/object
+        raise RequestError(
+            400, 'the body nests arrays or objects too deeply to parse; send {"texts": [...]}'
+        ) from None
     if not isinstance(payload, dict):
         raise RequestError(422, f'the body must be a JSON object like {{"texts": [...]}}, got {_kind(payload)}')
     unknown = sorted(set(payload) - set(_REQUEST_FIELDS))
@@ -240,6 +265,41 @@ def _kind(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), "a number" if isinstance(value, int | float) else type(value).__name__
     )
+
+
+def auth_token(config: ServeConfig) -> bytes | None:
+    """The bearer token every request but `GET /healthz` must carry: the value of `config.auth_token_env`.
+
+    Raises:
+        ConfigError: the variable is named but unset, empty, or not a token (visible ASCII, no spaces).
+    """
+    name = config.auth_token_env
+    if name is None:
+        return None
+    token = os.environ.get(name, "")
+    if not token:
+        raise ConfigError(f"auth_token_env names {name}, but {name} is not set (or empty) in this environment")
+    if not re.fullmatch(r"[\x21-\x7e]+", token):
+        raise ConfigError(f"{name} must hold a token of visible ASCII characters, without spaces")
+    return token.encode("ascii")
+
+
+def check_bearer(authorization: str | None, token: bytes | None) -> None:
+    """Refuse a request (401) whose `Authorization` header does not carry `token`; nothing when `token` is None.
+
+    The token is compared in constant time (`hmac.compare_digest`), so the time taken says nothing about it.
+    """
+    if token is None:
+        return
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise RequestError(
+            401, "this service needs a token: send `Authorization: Bearer <token>`", {"WWW-Authenticate": "Bearer"}
+        )
+    if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token):
+        raise RequestError(
+            401, "the bearer token is not this service's", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+        )
 
 
 # --- scoring (no Ray) ----------------------------------------------------------------------------------------
@@ -339,6 +399,7 @@ class ScoreIngress:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = parse_serve_config(config)
+        self.token = auth_token(self.config)  # from the replica's environment; a missing one fails the deploy
         self.service = ScoringService(self.config)
         self.score_batch.set_max_batch_size(self.config.batching.max_texts)
         self.score_batch.set_batch_wait_timeout_s(self.config.batching.wait_s)
@@ -349,9 +410,10 @@ class ScoreIngress:
 
         path = request.url.path.rstrip("/") or "/"
         try:
-            if path == "/healthz":
+            if path == "/healthz":  # open, for load balancers and probes: it says only what is served
                 _require_method(request, "GET")
                 return JSONResponse({"status": "ok", "scorers": self.config.served})
+            check_bearer(request.headers.get("authorization"), self.token)  # before the body is read
             if path == "/v1/score":
                 _require_method(request, "POST")
                 texts, scorers = parse_request(await self._read_body(request), self.config)
@@ -362,17 +424,30 @@ class ScoreIngress:
             return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
 
     async def _read_body(self, request: Any) -> bytes:
-        """The body, refused with 413 as soon as it passes the byte limit (before it is all read)."""
-        limit = self.config.limits.max_body_bytes
+        """The body, refused with 413 as soon as it passes the byte limit (before it is all read), and with 408
+        when it has not all arrived within `limits.read_timeout_s` (a client that sends half a body and waits
+        would otherwise hold the request, and a slot of `max_ongoing_requests`, for as long as it likes)."""
+        limit, timeout = self.config.limits.max_body_bytes, self.config.limits.read_timeout_s
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(413, f"the body has {declared} bytes; the limit is {limit}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise RequestError(413, f"the body has more than {limit} bytes; the limit is {limit}")
-        return bytes(body)
+
+        async def read() -> bytes:
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise RequestError(413, f"the body has more than {limit} bytes; the limit is {limit}")
+            return bytes(body)
+
+        try:
+            return await asyncio.wait_for(read(), timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(
+                408,
+                f"the body did not arrive within {timeout:g} s (limits.read_timeout_s); send it whole",
+                {"Connection": "close"},
+            ) from None
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_count_texts)
     async def score_batch(self, items: list[tuple[list[str], list[str]]]) -> list[list[dict[str, Any]]]:
@@ -433,31 +508,39 @@ def build_app(args: dict[str, Any]) -> Any:
 def serve_forever(
     config_path: str | Path | None, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None
 ) -> None:
-    """Start the service and block until SIGINT/SIGTERM (what `raysel serve` runs).
+    """Start the service and block until SIGINT/SIGTERM/SIGHUP (what `raysel serve` runs).
 
-    With no `address` (and no RAY_ADDRESS) it starts a local Ray cluster and stops it on exit; on an existing
-    cluster it deletes only its own application on exit.
+    It joins only the cluster `address` (else RAY_ADDRESS) names; with neither it starts a new local Ray cluster
+    for the service (never one `ray start` left running on the machine) and ends all of it on exit. On a cluster
+    it joined it deletes only its own application on exit: Serve and whatever else runs there stay.
 
     Args:
         config_path: a serve config YAML; None for the defaults.
-        host: the interface Serve's HTTP proxy listens on; 0.0.0.0 to expose it beyond this machine.
+        host: the interface Serve's HTTP proxy listens on: loopback by default; 0.0.0.0 exposes it beyond this
+            machine (set `auth_token_env` then).
         port: the HTTP port.
-        address: a Ray cluster address; default: RAY_ADDRESS, else a local cluster.
+        address: a Ray cluster address ("host:port", or "auto" for the `ray start` cluster on this machine);
+            default: RAY_ADDRESS, else a new local cluster.
     """
-    import os
-
-    import ray
+    from raysel._internal.ray_stage import end_local_cluster, init_ray
 
     config = load_serve_config(config_path)
-    joined = bool(address or os.environ.get("RAY_ADDRESS"))
-    if not ray.is_initialized():
-        if joined:
-            ray.init(address=address, logging_level="WARNING")
-        else:
-            # A private cluster for this service: no dashboard (Serve does not need it) on a shared machine.
-            ray.init(include_dashboard=False, logging_level="WARNING")
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        auth_token(config)  # a local cluster's replicas get this environment: fail now, not in the deploy
+    # No dashboard on a cluster of its own (Serve does not need it) on a shared machine.
+    started = init_ray(address, include_dashboard=False)
+    if started:
+        print("raysel serve: started a local Ray cluster for this service; it ends when the service does", flush=True)
+    else:
+        import ray
+
+        where = ray.get_runtime_context().gcs_address
+        print(
+            f"raysel serve: joined the Ray cluster at {where}; on exit only the {APP_NAME!r} app is deleted",
+            flush=True,
+        )
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
@@ -465,8 +548,8 @@ def serve_forever(
         print(f"raysel serve: http://{host}:{port}/v1/score  (serving {config.served}; Ctrl-C stops)", flush=True)
         stop.wait()
     finally:
-        if joined:
-            serve.delete(APP_NAME)
-        else:
+        if started:
             serve.shutdown()
-            ray.shutdown()
+            end_local_cluster()
+        else:
+            serve.delete(APP_NAME)

@@ -29,6 +29,8 @@ from raysel.serve import (
     RequestError,
     ScoringService,
     ServeConfig,
+    auth_token,
+    check_bearer,
     deployment_options,
     load_serve_config,
     parse_request,
@@ -50,10 +52,12 @@ CONFIG = {
         {"name": "loss", "max_tokens": 16, "batch_size": 8, "actors": 3},  # `actors` means nothing in a replica
     ],
     "embed": {"model": "minilm", "max_tokens": 32, "batch_size": 8},
-    "limits": {"max_texts": 4, "max_chars": 300, "max_body_bytes": 4096},
+    "limits": {"max_texts": 4, "max_chars": 300, "max_body_bytes": 4096, "read_timeout_s": 2},
     "batching": {"max_texts": 16, "wait_s": 0.05},
     "replicas": {"min": 1, "max": 1},
+    "auth_token_env": "RAYSEL_TEST_SERVE_TOKEN",
 }
+TOKEN = "test-token-" + "0123456789abcdef" * 2  # what the server fixture's environment holds
 
 
 # --- config and requests, no Ray -----------------------------------------------------------------------------
@@ -75,6 +79,11 @@ def test_serve_config_defaults_and_served_names():
         ({"replicas": {"min": 1, "max": 2, "initial": 5}}, "initial (5) must lie between"),
         ({"limits": {"max_texts": 64}, "batching": {"max_texts": 8}}, "one request must fit in one model pass"),
         ({"limits": {"max_chars": 0}}, "limits.max_chars"),
+        ({"limits": {"read_timeout_s": 0}}, "limits.read_timeout_s"),
+        (
+            {"auth_token_env": "s3cr3t token"},
+            "auth_token_env: 's3cr3t token' is not an environment variable name",
+        ),
         ({"modle": "/etc/passwd"}, "modle: Extra inputs are not permitted"),
     ],
 )
@@ -140,6 +149,8 @@ SMALL = parse_serve_config(CONFIG)
         (b'{"texts": ["a", "b", "c", "d", "e"]}', 413, "the limit is 4 per request"),
         (json.dumps({"texts": ["x" * 301]}).encode(), 413, '"texts[0]" has 301 characters; the limit is 300'),
         (b" " * 5000, 413, "the body has 5000 bytes; the limit is 4096"),
+        (b"[" * 4000, 400, "nests arrays or objects too deeply"),  # json.loads: RecursionError, not ValueError
+        (b'{"texts": [' + b'{"a": [' * 580, 400, "nests arrays or objects too deeply"),
     ],
 )
 def test_parse_request_refuses_bad_requests(body, status, message):
@@ -147,6 +158,45 @@ def test_parse_request_refuses_bad_requests(body, status, message):
         parse_request(body, SMALL)
     assert err.value.status == status
     assert message in err.value.message
+
+
+def test_auth_token_comes_from_the_named_variable(monkeypatch):
+    assert auth_token(SMALL.model_copy(update={"auth_token_env": None})) is None
+    monkeypatch.delenv("RAYSEL_TEST_SERVE_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="RAYSEL_TEST_SERVE_TOKEN is not set"):
+        auth_token(SMALL)
+    monkeypatch.setenv("RAYSEL_TEST_SERVE_TOKEN", "two words")
+    with pytest.raises(ConfigError, match="visible ASCII characters, without spaces"):
+        auth_token(SMALL)
+    monkeypatch.setenv("RAYSEL_TEST_SERVE_TOKEN", TOKEN)
+    assert auth_token(SMALL) == TOKEN.encode()
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (None, "send `Authorization: Bearer <token>`"),
+        ("", "send `Authorization: Bearer <token>`"),
+        ("Bearer", "send `Authorization: Bearer <token>`"),
+        (f"Basic {TOKEN}", "send `Authorization: Bearer <token>`"),
+        ("Bearer wrong", "not this service's"),
+        (f"Bearer {TOKEN}x", "not this service's"),
+        (f"Bearer {TOKEN[:-1]}", "not this service's"),
+        ("Bearer caf\xe9", "not this service's"),
+    ],
+)
+def test_check_bearer_refuses_a_missing_or_wrong_token(header, message):
+    with pytest.raises(RequestError) as err:
+        check_bearer(header, TOKEN.encode())
+    assert err.value.status == 401
+    assert message in err.value.message
+    assert err.value.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_check_bearer_accepts_the_token():
+    check_bearer(f"Bearer {TOKEN}", TOKEN.encode())
+    check_bearer(f"bearer  {TOKEN} ", TOKEN.encode())  # the scheme is case-insensitive (RFC 7235)
+    check_bearer(None, None)  # no token configured: open
 
 
 def test_parse_request_defaults_and_dedupes_scorers():
@@ -254,13 +304,27 @@ def stop_tree(proc: subprocess.Popen, grace_s: float) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
-def http(url: str, body: bytes | None = None, method: str | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, method=method or ("POST" if body is not None else "GET"))
+def http(
+    url: str, body: bytes | None = None, method: str | None = None, token: str | None = TOKEN
+) -> tuple[int, dict]:
+    """(status, JSON body) of one request, sent with `Authorization: Bearer <token>` unless `token` is None."""
+    status, _, got = http_full(url, body, method, token)
+    return status, got
+
+
+def http_full(
+    url: str, body: bytes | None = None, method: str | None = None, token: str | None = TOKEN
+) -> tuple[int, dict, dict]:
+    """(status, headers, JSON body) of one request."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    req = urllib.request.Request(
+        url, data=body, method=method or ("POST" if body is not None else "GET"), headers=headers
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
+            return resp.status, dict(resp.headers), json.loads(resp.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        return err.code, dict(err.headers), json.loads(err.read())
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +334,7 @@ def server(tmp_path_factory):
     (tmp / "serve.yaml").write_text(yaml.safe_dump(CONFIG))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, not a test session's
+    env["RAYSEL_TEST_SERVE_TOKEN"] = TOKEN
     env["RAY_agent_register_timeout_ms"] = "180000"  # a busy machine can start Ray's agent slowly
     log = open(tmp / "serve.log", "w")
     # fmt: off
@@ -286,7 +351,7 @@ def server(tmp_path_factory):
             if proc.poll() is not None:
                 raise RuntimeError(f"raysel serve exited with {proc.returncode}:\n{(tmp / 'serve.log').read_text()}")
             try:
-                if http(url + "/healthz")[0] == 200:
+                if http(url + "/healthz", token=None)[0] == 200:
                     break
             except (OSError, ValueError):
                 pass
@@ -304,7 +369,55 @@ def score(url: str, payload: dict) -> tuple[int, dict]:
 
 
 def test_healthz_lists_the_served_scorers(server):
-    assert http(server + "/healthz") == (200, {"status": "ok", "scorers": ["entropy", "loss", "embedding"]})
+    assert http(server + "/healthz", token=None) == (
+        200,
+        {"status": "ok", "scorers": ["entropy", "loss", "embedding"]},
+    )
+
+
+@pytest.mark.parametrize("token", [None, "wrong", TOKEN[:-1], TOKEN + "x"])
+@pytest.mark.parametrize(("path", "body"), [("/v1/score", b'{"texts": ["a"]}'), ("/v1/models/load", b"{}")])
+def test_requests_without_the_token_get_401(server, token, path, body):
+    """Every path but /healthz needs the token, unknown ones too (a client without it learns nothing)."""
+    status, headers, got = http_full(server + path, body, token=token)
+    assert status == 401
+    assert headers["www-authenticate"].startswith("Bearer")
+    assert "results" not in got and "token" in got["error"]
+
+
+def test_a_deeply_nested_body_gets_400_over_http(server):
+    status, got = http(server + "/v1/score", b"[" * 4000)
+    assert status == 400
+    assert "nests arrays or objects too deeply" in got["error"]
+
+
+def half_sent_body(url: str, token: str | None = TOKEN, wait_s: float = 60) -> tuple[float, bytes]:
+    """POST with `Content-Length: 200` but only 20 bytes of body, then wait: (seconds until the answer, answer)."""
+    host, port = url.removeprefix("http://").split(":")
+    head = f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 200\r\n"
+    if token is not None:
+        head += f"Authorization: Bearer {token}\r\n"
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        sock.sendall(head.encode() + b"\r\n" + b'{"texts": ["half a b')
+        start = time.monotonic()
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        except TimeoutError:
+            pass
+        return time.monotonic() - start, answer
+
+
+def test_a_half_sent_body_gets_408_after_the_read_timeout(server):
+    """limits.read_timeout_s is 2 s here: the request is answered then, not held for as long as the client likes."""
+    waited, answer = half_sent_body(server)
+    assert answer.startswith(b"HTTP/1.1 408"), (waited, answer[:300])
+    assert 1.5 < waited < 15, waited
+    assert score(server, {"texts": [SENTENCES[0]], "scorers": ["loss"]})[0] == 200  # and the replica still serves
 
 
 def test_score_over_http_equals_the_scoring_core(server, service):
@@ -380,3 +493,14 @@ def test_raysel_serve_refuses_a_bad_config_before_starting_ray(tmp_path):
     )
     assert result.returncode == 2
     assert "invalid serve config" in result.stderr and "replicas: min (3) must be <= max (1)" in result.stderr
+
+
+def test_raysel_serve_refuses_an_unset_token_variable_before_starting_ray(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("auth_token_env: RAYSEL_TEST_UNSET_TOKEN\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYSEL_TEST_UNSET_TOKEN")}
+    result = subprocess.run(
+        [str(BIN / "raysel"), "serve", "--config", str(path)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 2
+    assert "auth_token_env names RAYSEL_TEST_UNSET_TOKEN, but RAYSEL_TEST_UNSET_TOKEN is not set" in result.stderr

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from raysel.config import StageConfig
@@ -36,17 +41,252 @@ NO_PROGRESS_TIMEOUT_S = float(os.environ.get("RAYSEL_NO_PROGRESS_TIMEOUT_S", 180
 TARGET_BLOCK_BYTES = int(os.environ.get("RAYSEL_TARGET_BLOCK_BYTES", 1 << 20))
 
 
-def init_ray(address: str | None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a local one; set raysel's Ray Data limits."""
+def init_ray(address: str | None, *, include_dashboard: bool | None = None) -> bool:
+    """Connect this process to Ray and set raysel's Ray Data limits. Returns True when it started a local cluster.
+
+    Joins only the cluster it is told about: `address`, else RAY_ADDRESS ("host:port", "ray://...", or "auto"
+    for the cluster `ray start` started on this machine). With neither, it starts a new local cluster for this
+    process (`ray.init(address="local")`) rather than `ray.init(address=None)`, which would silently join a
+    `ray start` cluster on the machine. A cluster it started is ended whole on every exit it can observe
+    (return, exception, SIGINT, SIGTERM, SIGHUP: `end_local_cluster`), and what a killed predecessor left of
+    its cluster is ended before the start (`reap_local_clusters`).
+
+    Args:
+        address: the cluster to join; None: RAY_ADDRESS, else a new local cluster.
+        include_dashboard: for a local cluster, whether to start Ray's dashboard (None: Ray's default).
+    """
     import ray
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=True, logging_level="WARNING")
+        end_local_cluster()  # a cluster this process started and someone shut down: sweep what is left of it
+        target = address or os.environ.get("RAY_ADDRESS") or "local"
+        opts = {"ignore_reinit_error": True, "log_to_driver": True, "logging_level": "WARNING"}
+        if target != "local":
+            ray.init(address=target, **opts)
+        else:
+            reap_local_clusters()
+            _say_ray_start_cluster_is_not_joined()
+            ray.init(address="local", include_dashboard=include_dashboard, **opts)
+            _own_local_cluster()
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     ctx.execution_no_progress_timeout_s = NO_PROGRESS_TIMEOUT_S
     ctx.target_max_block_size = TARGET_BLOCK_BYTES
+    return _OWN_CLUSTER is not None
+
+
+# The local cluster this process started (its record, as written to the registry), or None. One per process.
+_OWN_CLUSTER: dict[str, Any] | None = None
+# SIGTERM and SIGHUP end the process through SystemExit, so atexit runs and ends the cluster; SIGINT already
+# raises KeyboardInterrupt. A killed (SIGKILL) driver leaves Ray's dashboard and runtime-env agents running (the
+# reaper process ray.init spawns ends only the GCS, raylet and dashboard): the next start ends them, from the registry.
+_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_GRACE_S = 3.0
+
+
+def local_cluster_registry() -> Path:
+    """Where raysel records the local clusters it starts: one JSON file each (driver pid, Ray session dir)."""
+    from raysel.config import cache_dir
+
+    return cache_dir() / "local-ray"
+
+
+def end_local_cluster() -> None:
+    """End the local cluster this process started, all of it, and forget it; nothing when it started none.
+
+    `ray.shutdown()` ends the processes the driver started (GCS, raylet, dashboard, ...); the session's
+    processes still alive after it (agents, workers) are then ended by their session dir. On a cluster this
+    process joined, it does nothing: that cluster is not raysel's to stop.
+    """
+    global _OWN_CLUSTER
+    record, _OWN_CLUSTER = _OWN_CLUSTER, None
+    if record is None:
+        return
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception as err:  # exiting anyway: what is left is ended below
+        logger.warning("raysel: ray.shutdown() failed (%s); ending the local cluster's processes", err)
+    _end_processes(_session_processes(record))
+    Path(record["record"]).unlink(missing_ok=True)
+
+
+def reap_local_clusters(registry: Path | None = None) -> list[int]:
+    """End what is left of the local clusters that raysel processes started and that outlived their driver.
+
+    A cluster is ended only when its record says raysel started it and the driver that started it is dead (a
+    live driver's cluster, or any cluster raysel did not start, is never touched). Its processes are the live
+    ones whose command line names the cluster's session dir, or, for Ray's processes that rename themselves
+    (`ray::DashboardAgent`, `ray::IDLE`), whose open files lie in it.
+
+    Args:
+        registry: the folder of records; default `local_cluster_registry()`.
+
+    Returns:
+        The pids ended.
+    """
+    registry = registry or local_cluster_registry()
+    ended: list[int] = []
+    for path in sorted(registry.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            if _alive(record["driver_pid"], record["driver_started"]):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable: leave it (records are written whole, by rename)
+        procs = _session_processes(record)
+        if procs:
+            logger.warning(
+                "raysel: ending %d process(es) left by the local Ray cluster of a killed raysel (pid %s, %s)",
+                len(procs),
+                record["driver_pid"],
+                record["session_dir"],
+            )
+        ended += _end_processes(procs)
+        path.unlink(missing_ok=True)
+    return ended
+
+
+def _own_local_cluster() -> None:
+    """Record the local cluster just started (so a successor can end it if this process is killed) and end it
+    on every exit this process can observe."""
+    global _OWN_CLUSTER
+    import atexit
+
+    import ray
+
+    try:
+        session_dir = ray._private.worker._global_node.get_session_dir_path()  # no public API gives it
+    except AttributeError:
+        session_dir = None
+    started = _create_time(os.getpid())
+    if session_dir is None or started is None:
+        logger.warning("raysel: cannot record the local Ray cluster; if this process is killed, it may outlive it")
+        return
+    registry = local_cluster_registry()
+    path = registry / f"{Path(session_dir).name}.json"
+    record = {
+        "driver_pid": os.getpid(),
+        "driver_started": started,
+        "session_dir": session_dir,
+        "session_realpath": os.path.realpath(session_dir),
+        "record": str(path),
+    }
+    try:
+        registry.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+    except OSError as err:
+        logger.warning("raysel: cannot record the local Ray cluster in %s (%s)", registry, err)
+    _OWN_CLUSTER = record
+    atexit.unregister(end_local_cluster)  # once, however many clusters this process starts in turn
+    atexit.register(end_local_cluster)  # runs before Ray's own atexit shutdown (registered at import)
+    if threading.current_thread() is threading.main_thread():
+        for sig in _EXIT_SIGNALS:
+            signal.signal(sig, _exit_on_signal)  # replaces ray.init's SIGTERM handler, which exits the same way
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _say_ray_start_cluster_is_not_joined() -> None:
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        recorded = find_bootstrap_address(None)
+    except Exception:  # another Ray's internals: say nothing
+        return
+    if recorded:
+        logger.warning(
+            "raysel: starting a new local Ray cluster for this process, not joining the one `ray start` recorded "
+            "on this machine (%s); to run there, pass --address %s (ray.address in a run config) or set "
+            "RAY_ADDRESS=auto",
+            recorded,
+            recorded,
+        )
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # no such process, or no psutil
+        return None
+
+
+def _alive(pid: int, started: float) -> bool:
+    """Whether the process `pid` that started at `started` still runs (not a later process given the same pid)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - started) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _session_processes(record: dict[str, Any]) -> list[Any]:
+    """The live processes of a recorded local cluster: those whose command line names its session dir, and
+    Ray's renamed ones (`ray::...`) with a file open in it. Never this process."""
+    try:
+        import psutil
+    except ImportError:
+        logger.warning("raysel: psutil is missing: cannot end the processes of %s", record.get("session_dir"))
+        return []
+    dirs = {record["session_dir"], record.get("session_realpath") or record["session_dir"]}
+    prefixes = tuple(d.rstrip(os.sep) + os.sep for d in dirs)
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid == os.getpid():
+            continue
+        cmdline = proc.info["cmdline"] or []
+        try:
+            if any(d in arg for arg in cmdline for d in dirs) or (
+                cmdline
+                and cmdline[0].startswith("ray::")
+                and any(f.path.startswith(prefixes) for f in proc.open_files())
+            ):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+        except psutil.Error:  # gone, or another user's
+            continue
+    return found
+
+
+def _end_processes(procs: list[Any]) -> list[int]:
+    """SIGTERM, then SIGKILL after _GRACE_S what is still alive (Ray's agents ignore SIGTERM without a raylet)."""
+    if not procs:
+        return []
+    import psutil
+
+    alive = list(procs)
+    for send in ("terminate", "kill"):
+        for proc in alive:
+            try:
+                getattr(proc, send)()
+            except psutil.Error:
+                pass
+        deadline = time.monotonic() + _GRACE_S
+        while (alive := [p for p in alive if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not alive:
+            break
+    return [p.pid for p in procs]
+
+
+def _running(proc: Any) -> bool:
+    """Alive and not a zombie (an ended process whose parent, often init in a container, has not reaped it)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def fit_cpus(stages: list[StageConfig], total_cpus: float) -> list[float]:
