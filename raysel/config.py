@@ -72,12 +72,47 @@ class InputConfig(_Frozen):
     max_chars: int = Field(
         200_000, gt=0, description="texts longer than this are cut before tokenizing; the ledger flags them"
     )
+    score_fields: list[str] = Field(
+        default_factory=list,
+        description="numeric input columns that other tools computed, used as scores like raysel's own "
+        "(select.score, ledger, report); a missing or non-numeric value is unscored (NaN); docs/formats.md",
+    )
 
     @model_validator(mode="after")
     def _labels_need_field(self) -> InputConfig:
         if self.labels is not None and self.label_field is None:
             raise ValueError("labels: a label set needs `label_field` naming the column that holds the labels")
         return self
+
+    @model_validator(mode="after")
+    def _score_fields(self) -> InputConfig:
+        seen: set[str] = set()
+        roles = {self.text_field: "text_field", self.id_field: "id_field", self.label_field: "label_field"}
+        for i, name in enumerate(self.score_fields):
+            where = f"score_fields[{i}]"
+            if not name.strip():
+                raise ValueError(f"{where}: a score field needs a name")
+            if name in seen:
+                raise ValueError(f"{where}: {name!r} is listed twice")
+            if name in roles:
+                raise ValueError(
+                    f"{where}: {name!r} is also the {roles[name]}; a column is a score or a {roles[name]}"
+                )
+            if name in RESERVED_COLUMNS or name.startswith("__"):
+                raise ValueError(
+                    f"{where}: {name!r} is the name of a column raysel writes (ledger, scored shards); "
+                    f"score fields must not be named {sorted(RESERVED_COLUMNS)} or start with `__`"
+                )
+            seen.add(name)
+        return self
+
+
+# The columns raysel itself puts in the scored shards and the ledger (reader, embedder, LM scorers' flags, vog,
+# cluster assignment, selection; `__*` are the selected-join columns): an input score field may not take one's name.
+RESERVED_COLUMNS = frozenset(
+    {"id", "text", "label", "source", "row", "reason", "text_cut", "embedding", "embed_cut"}
+    | {"lm_tokens", "lm_cut", "vog_raw", "cluster", "centroid_sim", "status"}
+)
 
 
 class OutputConfig(_Frozen):
@@ -273,14 +308,24 @@ class RunConfig(_Frozen):
                 raise ValueError(
                     f"scorers[{i}] ({s.name}): trains on labels; set input.label_field to the column holding them"
                 )
+        for i, field in enumerate(self.input.score_fields):
+            if field in names:
+                raise ValueError(
+                    f"input.score_fields[{i}]: {field!r} is also a scorer in `scorers`; both would be the column "
+                    f"{field!r}: drop the scorer or leave the field out"
+                )
         from raysel.select import POLICIES
 
         if POLICIES[self.select.policy].needs_score:
+            columns = self.score_columns
             if self.select.score is None:
-                raise ValueError(f"select.score: policy {self.select.policy!r} ranks by a score; name one of {names}")
-            if self.select.score not in names:
                 raise ValueError(
-                    f"select.score: {self.select.score!r} is not computed; add it to `scorers` or choose from {names}"
+                    f"select.score: policy {self.select.policy!r} ranks by a score; name one of {columns}"
+                )
+            if self.select.score not in columns:
+                raise ValueError(
+                    f"select.score: {self.select.score!r} is not computed; add it to `scorers` or "
+                    f"`input.score_fields`, or choose from {columns}"
                 )
         if self.select.policy == "threshold" and self.select.threshold is None:
             raise ValueError("select.threshold: the `threshold` policy needs a threshold value")
@@ -294,7 +339,8 @@ class RunConfig(_Frozen):
 
     @property
     def score_columns(self) -> list[str]:
-        return [s.name for s in self.scorers]
+        """Every score a policy can rank by: the scorers' columns, then the input's `score_fields`."""
+        return [s.name for s in self.scorers] + list(self.input.score_fields)
 
     def resolved_work_dir(self) -> str:
         return self.work_dir or str(cache_dir() / "work")

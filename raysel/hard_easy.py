@@ -61,7 +61,12 @@ class HardEasyPolicy(Policy):
         info = {
             "hard": n_hard,
             "easy": int(len(easy)),
-            "hard_cut": float(values[hard[-1]]) if n_hard else None,
-            "easy_cut": float(values[easy[-1]]) if params.easy == "easiest" and len(easy) else None,
+            "hard_cut": _finite(values[hard[-1]]) if n_hard else None,
+            "easy_cut": _finite(values[easy[-1]]) if params.easy == "easiest" and len(easy) else None,
         }
         return Selection(selected, reasons.astype(object), info)
+
+
+def _finite(value: float) -> float | None:
+    """A cut for the manifest: None where the budget reached unscored (NaN) rows, which JSON cannot hold."""
+    return float(value) if np.isfinite(value) else None

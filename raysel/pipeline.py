@@ -173,6 +173,9 @@ def score_key(config: RunConfig, files: list[InputFile]) -> str:
     """What determines pass 1's output: the input's content, the reading settings, the models and scorers."""
     text_scorers = [s for s in config.scorers if getattr(SCORERS[s.name], "inputs", "text") == "text"]
     scorer_settings = [s.model_dump(include={"name", "model", "max_tokens", "device", "params"}) for s in text_scorers]
+    reading = config.input.model_dump(exclude={"path"})
+    if not reading["score_fields"]:  # left out when unused, so the work dirs of runs before the field still count
+        del reading["score_fields"]
     key = {
         "format": SCORES_FORMAT,
         # per file, its content's hash and how it was taken (rfs.fingerprint_method; the manifest counts them)
@@ -180,7 +183,7 @@ def score_key(config: RunConfig, files: list[InputFile]) -> str:
             (f.rel, f.size, digest, rfs.fingerprint_method(f.uri, f.size, f.mtime_ns))
             for f, digest in zip(files, rfs.fingerprints([f.uri for f in files]), strict=True)
         ],
-        "input": config.input.model_dump(exclude={"path"}),
+        "input": reading,
         "embed": config.embed.model_dump(include={"model", "max_tokens", "device"}),
         "embed_model": model_fingerprint(config.embed.model, "encoder"),
         "scorers": scorer_settings,
@@ -415,7 +418,8 @@ def write_selected(config: RunConfig, files: list[InputFile], table: pa.Table, s
 
     out = config.output
     chosen = table.filter(pa.compute.equal(table.column("status"), "selected"))
-    annotate = ["id", "cluster", *config.score_columns] if out.annotate else []
+    # raysel's own scores only: a score field is one of the record's own fields, and stays as it came in
+    annotate = ["id", "cluster", *(s.name for s in config.scorers)] if out.annotate else []
     attach = chosen.select(["source", "row", *annotate]).rename_columns(
         [selected.SOURCE, selected.ROW, *(out.prefix + c for c in annotate)]
     )
@@ -477,6 +481,23 @@ def _write_shard(batch: dict[str, np.ndarray], schema: pa.Schema, fmt: str, anno
     return {k: [e[k] for e in entries] for k in selected.INDEX_KEYS}
 
 
+def _score_summary(config: RunConfig, table: pa.Table) -> dict[str, Any]:
+    """The score columns (raysel's scorers, the input's score fields) and, per column, how many usable rows
+    (selected or rejected) have no value (NaN): a policy ranks those last."""
+    usable = pa.compute.not_equal(table.column("status"), "quarantined")
+    unscored = {}
+    for name in config.score_columns:
+        if name in table.column_names:
+            values = table.column(name).filter(usable)
+            missing = pa.compute.or_kleene(pa.compute.is_nan(values), pa.compute.is_null(values))
+            unscored[name] = int(pa.compute.sum(missing).as_py() or 0)
+    return {
+        "scorers": [s.name for s in config.scorers],
+        "fields": list(config.input.score_fields),
+        "unscored": unscored,
+    }
+
+
 def _manifest(config, files, table, counts, timings, selection_info, written, centroids, reuse) -> dict[str, Any]:
     import faiss
     import ray
@@ -510,6 +531,7 @@ def _manifest(config, files, table, counts, timings, selection_info, written, ce
         "counts": {s: counts.get(s, 0) for s in ("selected", "rejected", "quarantined")},
         "quarantine_reasons": dict(reasons.most_common(20)),
         "truncated": flags,
+        "scores": _score_summary(config, table),
         "selection": selection_info,
         "selected_rows_written": written,
         "clusters": {"k": int(len(centroids)), "sizes": sizes.tolist()},

@@ -8,7 +8,7 @@ of millions of rows fits), draws PNGs with matplotlib's Agg renderer and embeds 
 
 Plots, each drawn only when the run has what it needs:
     ledger status     rows selected / rejected / quarantined, and the top quarantine reasons
-    scores            one histogram per scorer, selected and rejected rows stacked
+    scores            one histogram per score column, selected and rejected rows stacked
     clusters          usable rows per cluster vs the rows the policy kept (and its quota, when the
                       policy set `selection.quotas`), and each cluster's share of the selection
                       against its share of the corpus
@@ -92,7 +92,9 @@ def read_manifest(out: str) -> dict[str, Any]:
 
 
 def score_columns(manifest: dict[str, Any]) -> list[str]:
-    return [s["name"] for s in manifest.get("config", {}).get("scorers", [])]
+    """The run's score columns: its scorers', then the input's `score_fields` (scores other tools computed)."""
+    config = manifest.get("config", {})
+    return [s["name"] for s in config.get("scorers", [])] + list(config.get("input", {}).get("score_fields", []))
 
 
 # --- the ledger, streamed ------------------------------------------------------------------------------------
@@ -311,11 +313,11 @@ def _score_figure(manifest: dict[str, Any], s: LedgerSummary) -> Figure:
         ax.legend(fontsize=8)
     for ax in axes[len(cols) :]:
         ax.set_visible(False)
-    return Figure(
-        "Score distributions",
-        "One histogram per scorer over the usable rows; the selected rows are stacked on the rejected ones.",
-        _png(fig),
-    )
+    caption = "One histogram per score over the usable rows; the selected rows are stacked on the rejected ones."
+    unscored = {c: n for c, n in (manifest.get("scores") or {}).get("unscored", {}).items() if n and c in cols}
+    if unscored:  # NaN: no value to draw; the policies rank these rows last
+        caption += " Not drawn, as unscored: " + ", ".join(f"{c} {n:,} rows" for c, n in unscored.items()) + "."
+    return Figure("Score distributions", caption, _png(fig))
 
 
 def _top(values: np.ndarray, n: int) -> np.ndarray:

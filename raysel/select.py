@@ -153,7 +153,8 @@ class TopKPolicy(Policy):
         selected[best[:budget]] = True
         cut = values[best[budget - 1]] if budget else float("nan")
         reasons = np.where(selected, "", f"outside the top {budget} by {self.config.score} (cut {cut:.4g})")
-        return Selection(selected, reasons.astype(object), {"cut": float(cut)})
+        reasons = np.where(~selected & np.isnan(values), f"unscored by {self.config.score}, ranked last", reasons)
+        return Selection(selected, reasons.astype(object), {"cut": float(cut) if np.isfinite(cut) else None})
 
 
 @register_policy("threshold")
@@ -173,6 +174,7 @@ class ThresholdPolicy(Policy):
             "",
             np.where(passing, "passed the threshold, over the budget", f"{self.config.score} {side} {thr}"),
         )
+        reasons = np.where(np.isnan(values), f"unscored by {self.config.score}", reasons)  # NaN never passes
         return Selection(selected, reasons.astype(object), {"passing": int(passing.sum())})
 
 

@@ -15,6 +15,8 @@ Every row that comes out has these columns:
     row         the row number in that file (0-based; for JSONL, the line number - 1)
     reason      "" for a usable row, else why it is quarantined
     text_cut    True when the text was longer than `max_chars` and was cut
+    <field>     for each of `score_fields`: the field's value as float64; NaN (unscored) when the field is
+                missing, null, not a number (a bool or a numeric string such as "0.7" is not one) or not finite
 A file that cannot be opened at all yields one quarantine row with row = -1, and so does the rest of a
 compressed file whose stream breaks (cut off or damaged): the rows before the break are kept.
 """
@@ -22,9 +24,11 @@ compressed file whose stream breaks (cut off or damaged): the rows before the br
 from __future__ import annotations
 
 import codecs
+import decimal
 import hashlib
 import json
 import logging
+import math
 import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -125,7 +129,7 @@ def check_input(files: list[InputFile], cfg: InputConfig) -> None:
     import pyarrow.parquet as pq
 
     seen_columns: set[str] = set()
-    for f in files[:32]:
+    for read, f in enumerate(files[:32], start=1):
         try:
             if f.format == "parquet":
                 fs, path = rfs.resolve(f.uri)
@@ -143,6 +147,15 @@ def check_input(files: list[InputFile], cfg: InputConfig) -> None:
         except (OSError, pa.ArrowInvalid):
             continue  # an unreadable file is quarantined row by row later
         if cfg.text_field in seen_columns:
+            # a misspelt score field would leave every row unscored: say so before the run
+            if absent := [name for name in cfg.score_fields if name not in seen_columns]:
+                log.warning(
+                    "input.score_fields %s: no such column in the first %d input file(s) (columns seen: %s); "
+                    "check the names: a row without the field is unscored",
+                    absent,
+                    read,
+                    ", ".join(sorted(seen_columns)[:20]),
+                )
             return
     if seen_columns:
         raise InputError(
@@ -201,7 +214,7 @@ class CorpusReader:
             stream = open_jsonl(uri)
         except OSError as err:
             if -1 not in skip:
-                yield self._rows([(stable_id(rel, -1), "", None, rel, -1, f"unreadable file: {err}", False)])
+                yield self._rows([self._file_row(rel, f"unreadable file: {err}")])
             return
         lines = _Lines(stream, compressed=file_format(uri)[1] is not None)
         with stream:
@@ -224,7 +237,7 @@ class CorpusReader:
                     rows = []
         if lines.error is not None and self.keep_rows is None and -1 not in skip:
             reason = f"compressed stream broken after line {lines.count}: {lines.error}"
-            rows.append((stable_id(rel, -1), "", None, rel, -1, reason, False))
+            rows.append(self._file_row(rel, reason))
         if rows:
             yield self._rows(rows)
         if records:
@@ -259,7 +272,7 @@ class CorpusReader:
         except (OSError, pa.ArrowException) as err:
             if self.keep_rows is None and -1 not in self.skip_rows.get(rel, frozenset()):
                 reason = f"unreadable parquet file after {row} rows: {err}"
-                yield self._rows([(stable_id(rel, -1), "", None, rel, -1, reason, False)])
+                yield self._rows([self._file_row(rel, reason)])
 
     # --- rows --------------------------------------------------------------------------------------------
     def _id(self, record: dict | None, rel: str, row: int) -> tuple[str, str]:
@@ -298,10 +311,15 @@ class CorpusReader:
                         reason = reason or f"label {label!r} is not in input.labels"
         if reason:
             text, cut = "", False
-        return (rid, text, label, rel, row, reason, cut)
+        scores = tuple(score_value(None if record is None else record.get(f)) for f in cfg.score_fields)
+        return (rid, text, label, rel, row, reason, cut, scores)
+
+    def _file_row(self, rel: str, reason: str) -> tuple:
+        """The one quarantine row (row -1) that stands for an unreadable file or the rest of a broken one."""
+        return (stable_id(rel, -1), "", None, rel, -1, reason, False, (math.nan,) * len(self.config.score_fields))
 
     def _rows(self, rows: list[tuple]) -> dict[str, np.ndarray]:
-        ids, texts, labels, sources, nums, reasons, cuts = zip(*rows, strict=True)
+        ids, texts, labels, sources, nums, reasons, cuts, scores = zip(*rows, strict=True)
         out = {
             "id": np.array(ids, dtype=object),
             "text": np.array(texts, dtype=object),
@@ -312,7 +330,27 @@ class CorpusReader:
         }
         if self.config.label_field is not None:
             out["label"] = np.array(["" if v is None else v for v in labels], dtype=object)
+        values = np.array(scores, dtype=np.float64).reshape(len(rows), len(self.config.score_fields))
+        for j, name in enumerate(self.config.score_fields):
+            out[name] = values[:, j].copy()
         return out
+
+
+def score_value(value: Any) -> float:
+    """A score field's value as a float, or NaN (unscored) when it is no finite number.
+
+    JSON numbers and Parquet integer, float and decimal values are numbers. A bool is not (a flag is no score:
+    True would rank as 1.0), nor is a string, even "0.7" (another tool wrote text there, not a score), nor
+    null, a list or an object; NaN and ±Infinity (JSON tokens Python accepts) are unscored too, so that
+    they cannot rank first. An integer too large for a float is unscored.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, decimal.Decimal)):
+        return math.nan
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):
+        return math.nan
+    return number if math.isfinite(number) else math.nan
 
 
 class _Lines:
