@@ -80,9 +80,10 @@ def test_bad_rows_are_quarantined_with_reasons(tmp_path, ray_cluster):
 
 
 def test_an_unusable_input_fails_before_any_work(tmp_path):
-    (tmp_path / "a.jsonl").write_text('{"body": "x"}\n')
-    cfg = parse_config(
-        {"input": {"path": str(tmp_path)}, "output": {"path": str(tmp_path / "out")}, "select": {"budget": 1}}
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"body": "x"}\n')
+    cfg = parse_config(  # the output beside the input folder: inside it, the config itself is refused
+        {"input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")}, "select": {"budget": 1}}
     )
     with pytest.raises(InputError, match="no input file has the text field 'text'"):
         run(cfg)
