@@ -85,7 +85,7 @@ def _embeddings(scores_uri: str, ids: list[str]) -> np.ndarray:
     import pyarrow.dataset as pads
 
     from raysel.io import fs as rfs
-    from raysel.probe import embedding_matrix
+    from raysel.select.probe import embedding_matrix
 
     fs, path = rfs.resolve(scores_uri)
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["id", "embedding"])
@@ -305,7 +305,8 @@ def synthetic_problem(seed: int, smooth: bool, k: int = 64, size: int = 1000):
 
 
 def synthetic_run(algorithm: str, seed: int, smooth: bool, share: str = "none", eta: float | None = None) -> dict:
-    from raysel.bandit import (
+    from raysel.select import largest_remainder
+    from raysel.select.bandit import (
         BanditRun,
         EXP3SPolicy,
         ThompsonPolicy,
@@ -314,7 +315,6 @@ def synthetic_run(algorithm: str, seed: int, smooth: bool, share: str = "none", 
         estimated_cut,
         neighbour_weights,
     )
-    from raysel.select import largest_remainder
 
     mu, centroids, scores = synthetic_problem(seed, smooth)
     k, size = len(mu), len(scores[0])
@@ -418,7 +418,7 @@ def plot_synthetic(out: dict, path: Path) -> None:
 
 
 def run_mig_speed(n: int, k: int, budget: int) -> dict:
-    from raysel.mig import group_directions, mig_greedy, propagation_matrix
+    from raysel.select.mig import group_directions, mig_greedy, propagation_matrix
 
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(k, 32))

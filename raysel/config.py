@@ -195,7 +195,7 @@ class ClusterConfig(_Frozen):
 
 class SemDedupConfig(_Frozen):
     """`select.semdedup`: before the policy, drop rows whose cosine to a better-scored row of their cluster exceeds
-    `threshold` (raysel/semdedup.py)."""
+    `threshold` (raysel/select/semdedup.py)."""
 
     threshold: float = Field(0.95, gt=-1, le=1, description="cosine above which a row is a near-duplicate")
 

@@ -381,7 +381,7 @@ def select_pass(
     budget = budget_rows(config.select.budget, len(candidates))
     dropped, dedup_info = np.zeros(0, dtype=np.int64), {}
     if config.select.semdedup is not None:  # near-duplicates leave before the policy sees the rows
-        from raysel.semdedup import drop_near_duplicates
+        from raysel.select.semdedup import drop_near_duplicates
 
         dedup = drop_near_duplicates(candidates, context, config.select)
         candidates, dropped, usable, dedup_info = dedup.candidates, usable[~dedup.keep], usable[dedup.keep], dedup.info

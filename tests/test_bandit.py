@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raysel.bandit import (
+from raysel.select.bandit import (
     BanditAllocator,
     BanditRun,
     EXP3SPolicy,
@@ -325,9 +325,9 @@ def test_bandit_policy_through_the_pipeline(ray_cluster, tmp_path):
 
 
 def test_state_key_ignores_limits_allocation_and_pool_size():
-    from raysel.bandit import BanditPolicy
     from raysel.config import SelectConfig
     from raysel.select import Candidates
+    from raysel.select.bandit import BanditPolicy
 
     cands = Candidates(ids=np.array(["a", "b", "c"], dtype=object), cluster=np.array([0, 1, 1]), scores={})
 
@@ -350,7 +350,7 @@ def test_state_key_ignores_limits_allocation_and_pool_size():
     assert BanditPolicy(cfg)._state_key(other, cfg.typed_params()) != base
 
 
-# --- reading the scored shards (raysel/probe.py) -------------------------------------------------------------
+# --- reading the scored shards (raysel/select/probe.py) -------------------------------------------------------------
 
 
 def _shards(tmp_path, rng):
@@ -379,7 +379,7 @@ def _shards(tmp_path, rng):
 
 
 def test_shard_index_reads_rows_by_id_in_the_asked_order(tmp_path):
-    from raysel.probe import ShardIndex, cluster_geometry, embedding_matrix
+    from raysel.select.probe import ShardIndex, cluster_geometry, embedding_matrix
 
     rng = np.random.default_rng(0)
     folder, rows = _shards(tmp_path, rng)
@@ -411,7 +411,7 @@ def test_shard_index_reads_rows_by_id_in_the_asked_order(tmp_path):
 
 def test_shard_index_names_missing_ids(tmp_path):
     from raysel.errors import InputError
-    from raysel.probe import ShardIndex
+    from raysel.select.probe import ShardIndex
 
     folder, _ = _shards(tmp_path, np.random.default_rng(1))
     with pytest.raises(InputError, match=r"2 candidate ids \(e.g. 'r07'\) are not among the usable rows"):

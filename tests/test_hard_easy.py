@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from raysel.config import SelectConfig
-from raysel.hard_easy import HardEasyPolicy
 from raysel.select import POLICIES, Candidates
+from raysel.select.hard_easy import HardEasyPolicy
 
 
 def _candidates(values):

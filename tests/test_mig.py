@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from raysel.mig import gain, group_directions, mig_greedy, propagation_matrix, scaled_quality
+from raysel.select.mig import gain, group_directions, mig_greedy, propagation_matrix, scaled_quality
 
 EXP, EPS, THR = 0.8, 1e-2, 0.9
 

@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysel.bandit import BanditParams, BanditPolicy
 from raysel.config import InputConfig, SelectConfig, parse_config
 from raysel.errors import ConfigError
 from raysel.io.read import CorpusReader, score_value
 from raysel.pipeline import run, select_pass
 from raysel.report import score_columns, summarize_ledger
 from raysel.select import Candidates
+from raysel.select.bandit import BanditParams, BanditPolicy
 from tests.conftest import bbc_sample
 
 MINIMAL = {"input": {"path": "c.jsonl"}, "output": {"path": "out"}, "select": {"budget": 0.25}}

@@ -7,7 +7,7 @@ import pytest
 
 from raysel.config import SelectConfig
 from raysel.select import Candidates
-from raysel.semdedup import dedup_cluster, priority
+from raysel.select.semdedup import dedup_cluster, priority
 
 
 def _brute(emb, threshold):

@@ -644,7 +644,7 @@ class BanditPolicy(Policy):
     Params = BanditParams
 
     def select(self, candidates: Candidates, budget: int) -> Selection:
-        from raysel.probe import Probe, ShardIndex, cluster_geometry
+        from raysel.select.probe import Probe, ShardIndex, cluster_geometry
 
         params: BanditParams = self.config.typed_params()
         context = candidates.extra.get("context")

@@ -194,4 +194,4 @@ class StratifiedPolicy(Policy):
 
 
 # The policies that live in their own modules register themselves on import (they import from this module).
-from raysel import bandit, hard_easy, mig  # noqa: E402,F401
+from raysel.select import bandit, hard_easy, mig  # noqa: E402,F401
