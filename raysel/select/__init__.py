@@ -14,12 +14,13 @@ budget per cluster and then call `take_within_clusters`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
 
 from raysel.config import SelectConfig
+from raysel.select.plan import CutService, Eligible, Plan, SelectionStats, Step
 
 POLICIES: dict[str, type[Policy]] = {}
 
@@ -117,7 +118,11 @@ def take_within_clusters(
 
 
 class Policy:
-    """Base of the selection policies; subclasses set `needs_score` and implement `select`."""
+    """Base of the selection policies; subclasses set `needs_score` and implement `select`, and, to run at any
+    scale, `plan` and `apply` (raysel/select/plan.py): then the pipeline never holds a row per row.
+
+    `select` stays as the in-memory form: the slow reference the plan/apply form is tested against, and the
+    only form of the policies that are greedy over rows (mig) or probe rows (bandit)."""
 
     needs_score: ClassVar[bool] = True
 
@@ -126,6 +131,22 @@ class Policy:
 
     def select(self, candidates: Candidates, budget: int) -> Selection:
         raise NotImplementedError
+
+    def plan(self, stats: SelectionStats, budget: int, cuts: CutService) -> Plan | None:
+        """The steps, with their cuts found over the rows by `cuts`; None when the policy has no streaming form."""
+        return None
+
+    def apply(self, batch: dict[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        """(kept, reason) for each of a block's candidate rows; reason is "" for a kept row."""
+        raise NotImplementedError
+
+    def _step(self, budget: int, **kw: Any) -> Step:
+        fields = {"score": self.config.score, "order": self.config.order, "group_by": "all", "seed": self.config.seed}
+        return Step(**{**fields, "quotas": {0: budget}, **kw})
+
+
+def _unscored(values: np.ndarray, reasons: np.ndarray, kept: np.ndarray, score: str, text: str) -> np.ndarray:
+    return np.where(~kept & np.isnan(values), text.format(score=score), reasons)
 
 
 @register_policy("random")
@@ -141,6 +162,14 @@ class RandomPolicy(Policy):
         reasons = np.where(selected, "", "not drawn by the random sample").astype(object)
         return Selection(selected, reasons)
 
+    def plan(self, stats: SelectionStats, budget: int, cuts: CutService) -> Plan:
+        step = self._step(budget, score=None)  # ranked by the seeded hash of the id alone
+        return Plan((cuts.find(step, [], {0: stats.usable}),))
+
+    def apply(self, batch: dict[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        (kept,) = plan.kept(batch)
+        return kept, np.where(kept, "", "not drawn by the random sample").astype(object)
+
 
 @register_policy("topk")
 class TopKPolicy(Policy):
@@ -155,6 +184,18 @@ class TopKPolicy(Policy):
         reasons = np.where(selected, "", f"outside the top {budget} by {self.config.score} (cut {cut:.4g})")
         reasons = np.where(~selected & np.isnan(values), f"unscored by {self.config.score}, ranked last", reasons)
         return Selection(selected, reasons.astype(object), {"cut": float(cut) if np.isfinite(cut) else None})
+
+    def plan(self, stats: SelectionStats, budget: int, cuts: CutService) -> Plan:
+        step = cuts.find(self._step(budget), [], {0: stats.usable})
+        cut = step.cut_value()
+        return Plan((step,), {"cut": cut if np.isfinite(cut) else None})
+
+    def apply(self, batch: dict[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        (kept,) = plan.kept(batch)
+        budget, cut, score = plan.steps[0].quotas[0], plan.steps[0].cut_value(), self.config.score
+        reasons = np.where(kept, "", f"outside the top {budget} by {score} (cut {cut:.4g})")
+        values = np.asarray(batch[score], dtype=np.float64)
+        return kept, _unscored(values, reasons, kept, score, "unscored by {score}, ranked last").astype(object)
 
 
 @register_policy("threshold")
@@ -177,6 +218,21 @@ class ThresholdPolicy(Policy):
         reasons = np.where(np.isnan(values), f"unscored by {self.config.score}", reasons)  # NaN never passes
         return Selection(selected, reasons.astype(object), {"passing": int(passing.sum())})
 
+    def plan(self, stats: SelectionStats, budget: int, cuts: CutService) -> Plan:
+        step = self._step(budget, eligible=Eligible(threshold=self.config.threshold))
+        passing = cuts.count(step, []).get(0, 0)
+        step = cuts.find(replace(step, quotas={0: min(budget, passing)}), [], {0: passing})
+        return Plan((step,), {"passing": int(passing)})
+
+    def apply(self, batch: dict[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        (kept,) = plan.kept(batch)
+        score, thr = self.config.score, self.config.threshold
+        passing = plan.steps[0].passing(batch)
+        side = "below" if self.config.order == "desc" else "above"
+        reasons = np.where(kept, "", np.where(passing, "passed the threshold, over the budget", f"{score} {side} {thr}"))
+        values = np.asarray(batch[score], dtype=np.float64)
+        return kept, _unscored(values, reasons, kept, score, "unscored by {score}").astype(object)
+
 
 @register_policy("stratified")
 class StratifiedPolicy(Policy):
@@ -191,6 +247,25 @@ class StratifiedPolicy(Policy):
             self.config.score,
             self.config.order,
         )
+
+    def plan(self, stats: SelectionStats, budget: int, cuts: CutService) -> Plan:
+        clusters = sorted(stats.cluster_sizes)
+        sizes = np.array([stats.cluster_sizes[c] for c in clusters], dtype=np.int64)
+        quotas = dict(zip(clusters, largest_remainder(sizes, budget, caps=sizes).tolist(), strict=True))
+        step = cuts.find(self._step(budget, group_by="cluster", quotas=quotas), [], stats.cluster_sizes)
+        return Plan((step,), {"quotas": {int(c): int(q) for c, q in quotas.items()}})
+
+    def apply(self, batch: dict[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        (kept,) = plan.kept(batch)
+        quotas, score = plan.steps[0].quotas, self.config.score
+        reasons = np.array(
+            [
+                "" if k else f"outside the {quotas.get(int(c), 0)} kept in cluster {c} by {score}"
+                for k, c in zip(kept, batch["cluster"], strict=True)
+            ],
+            dtype=object,
+        )
+        return kept, reasons
 
 
 # The policies that live in their own modules register themselves on import (they import from this module).

@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from raysel.select import Candidates, Policy, Selection, rank, register_policy
+from raysel.select.plan import CutService, Eligible, Plan, SelectionStats
 
 
 class HardEasyParams(BaseModel):
@@ -65,6 +66,32 @@ class HardEasyPolicy(Policy):
             "easy_cut": _finite(values[easy[-1]]) if params.easy == "easiest" and len(easy) else None,
         }
         return Selection(selected, reasons.astype(object), info)
+
+    def plan(self, stats: SelectionStats, budget: int, cuts: CutService) -> Plan:
+        params: HardEasyParams = self.config.typed_params()
+        n_hard = int(round(params.hard_fraction * budget))
+        n_easy = budget - n_hard
+        hard = cuts.find(self._step(n_hard), [], {0: stats.usable})
+        # The easy end: the other order (NaN still last, as float_key puts it), or the seeded hash for `random`.
+        easy_order = "asc" if self.config.order == "desc" else "desc"
+        score = self.config.score if params.easy == "easiest" else None
+        easy = self._step(n_easy, score=score, order=easy_order, eligible=Eligible(not_kept_by=(0,)))
+        easy = cuts.find(easy, [hard], {0: stats.usable - min(n_hard, stats.usable)})
+        info = {
+            "hard": n_hard,
+            "easy": int(min(n_easy, stats.usable - n_hard)),
+            "hard_cut": _finite(hard.cut_value()) if n_hard else None,
+            "easy_cut": _finite(easy.cut_value()) if params.easy == "easiest" and n_easy else None,
+        }
+        return Plan((hard, easy), info)
+
+    def apply(self, batch: dict[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        hard, easy = plan.kept(batch)
+        kept = hard | easy
+        n_hard, n_easy = plan.steps[0].quotas[0], plan.steps[1].quotas[0]
+        easy_words = f"the {n_easy} easiest" if plan.steps[1].score else f"the {n_easy} drawn at random"
+        reason = f"neither among the {n_hard} hardest nor {easy_words} by {self.config.score}"
+        return kept, np.where(kept, "", reason).astype(object)
 
 
 def _finite(value: float) -> float | None:
