@@ -233,13 +233,17 @@ class LMGradients:
             mask[i, : len(s)] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         with torch.enable_grad(), self.projector.capture(mask), self._leaf_at_first_block():
-            logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+            # Position t predicts token t+1; the last position and padding predict nothing (ignored). Shifting
+            # the targets, not the logits, keeps the [B·T, V] view free of a copy.
+            targets = torch.full_like(input_ids, -100)
+            targets[:, :-1] = torch.where(mask[:, 1:] > 0, input_ids[:, 1:], -100)
             nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none"
-            ).view(len(seqs), width - 1)
-            m = mask[:, 1:].to(nll.dtype)
+                logits.view(-1, logits.shape[-1]), targets.view(-1), reduction="none"
+            ).view(len(seqs), width)
+            counts = (targets >= 0).sum(1).clamp(min=1).to(nll.dtype)
             # Σ of per-text means: each text's δ is that of its own mean loss, whatever shares its batch.
-            ((nll * m).sum(1) / m.sum(1).clamp(min=1)).sum().backward()
+            (nll.sum(1) / counts).sum().backward()
             feats = self.projector.features()
         return feats.detach().cpu().numpy()
 
@@ -367,7 +371,8 @@ class LMInfluenceScorer:
             "model_fingerprint": model_fingerprint(self.config.model, "causal_lm"),
             "dtype": str(next(self.gradients.model.parameters()).dtype),
             "max_tokens": self.config.max_tokens,
-            "params": p.model_dump(mode="json"),
+            # the files count by content, not by name: a copy of the target elsewhere reuses the entry
+            "params": p.model_dump(mode="json", exclude={"target", "fisher_texts"}),
             "target": rfs.fingerprint(p.target) if rfs.is_file(p.target) else None,
             "fisher": rfs.fingerprint(p.fisher_texts) if p.fisher_texts and rfs.is_file(p.fisher_texts) else None,
         }
