@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from collections import Counter
@@ -28,18 +29,28 @@ import pyarrow as pa
 
 from raysel import __version__
 from raysel._internal.ray_stage import IO_TASK_CPUS, init_ray, map_stages, read_shards
-from raysel.cluster import ClusterAssigner, train_centroids
+from raysel.cluster import train_centroids
 from raysel.config import RunConfig, ScorerConfig
 from raysel.context import RunContext, sample_rows
 from raysel.embed import Embedder
-from raysel.errors import InputError, RayselError, RunFailed
+from raysel.errors import ConfigError, InputError, RayselError, RunFailed
 from raysel.io import fs as rfs
 from raysel.io import selected
 from raysel.io.read import CorpusReader, InputFile, check_input, list_input
 from raysel.io.sink import OutputSink, is_committed
 from raysel.models import model_fingerprint
 from raysel.scorers import SCORERS
-from raysel.select import POLICIES, Candidates, budget_rows
+from raysel.select import POLICIES, Candidates, Policy, budget_rows
+from raysel.select.plan import CutService
+from raysel.select.stream import (
+    IN_MEMORY_ROWS,
+    RayBlocks,
+    apply_pass,
+    assign_pass,
+    repeated_ids,
+    selection_stats,
+    summarize_ledger,
+)
 
 # Bump when a change to reading or scoring changes what pass 1 writes: old shards are then not reused.
 SCORES_FORMAT = 1
@@ -117,41 +128,81 @@ def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, tim
         scores_uri, score_key, score_info = score_pass(config, files)
         scores_uri = rescore_pass(config, files, scores_uri, score_key)
     reuse = {"scores": {"key": score_key, "uri": scores_uri, **score_info}}
-    try:
-        with _timed(timings, "cluster"):
+    with _timed(timings, "cluster"):
+        try:
             centroids, clusters_reused = cluster_pass(config, scores_uri, score_key)
-    except _NoUsableRows:
-        return _commit_all_quarantined(config, files, sink, scores_uri, timings, reuse)
+        except _NoUsableRows:
+            centroids, clusters_reused = np.zeros((0, 0), dtype=np.float32), False
+        assigned = assign_pass(scores_uri, centroids, _assigned_uri(config, score_key), config.shard_rows)
     reuse["clusters"] = {"reused": clusters_reused}
+    if len(centroids) == 0:
+        return _commit_all_quarantined(config, files, sink, assigned, timings, reuse)
+    policy = POLICIES[config.select.policy](config.select)
+    plan = None
     with _timed(timings, "select"):
-        table = collect_rows(config, scores_uri, centroids)
-        context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), score_key), files)
-        table, selection_info = select_pass(config, table, context)
+        if streams(config):
+            repeats = repeated_ids(assigned)
+            runner = RayBlocks(assigned, repeats, config.score_columns)
+            stats = selection_stats(runner)
+            budget = budget_rows(config.select.budget, stats.usable)
+            cuts = CutService(runner)
+            plan = policy.plan(stats, budget, cuts)
+            info = {"policy": config.select.policy, "budget_rows": budget, "usable_rows": stats.usable, **plan.info}
+            info["passes"] = cuts.passes
+        else:  # a policy that is greedy over rows or probes them: in memory, on the driver
+            _check_driver_rows(config, rfs.parquet_rows(assigned))
+            table = collect_rows(assigned)
+            context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), score_key), files)
+            table, info = select_pass(config, table, context)
     with _timed(timings, "write"):
-        sink.write_ledger(table)
-        written = write_selected(config, files, table, sink)
-    counts = dict(Counter(table.column("status").to_pylist()))
-    manifest = _manifest(config, files, table, counts, timings, selection_info, written, centroids, reuse)
+        if plan is not None:
+            apply_pass(assigned, repeats, policy, plan, sink.ledger_uri)
+        else:
+            sink.write_ledger(table)
+        summary = summarize_ledger(sink.ledger_uri, config.score_columns, len(centroids))
+        written = write_selected(config, files, sink, summary["status"].get("selected", 0))
+    manifest = _manifest(config, files, summary, timings, info, written, centroids, reuse)
     sink.commit(manifest)  # manifest.json, then _SUCCESS
-    return RunResult(config.output.path, manifest, counts)
+    return RunResult(config.output.path, manifest, manifest["counts"])
+
+
+def streams(config: RunConfig) -> bool:
+    """Whether the run's selection is planned on statistics and applied in the stream (no row on the driver)."""
+    return POLICIES[config.select.policy].plan is not Policy.plan and config.select.semdedup is None
+
+
+# The in-memory selection (mig, bandit, semdedup) holds about 0.5 KB a row on the driver: 10M rows is ~5 GB.
+MAX_DRIVER_ROWS = int(os.environ.get("RAYSEL_MAX_DRIVER_ROWS", 10_000_000))
+
+
+def _check_driver_rows(config: RunConfig, rows: int) -> None:
+    """Refuse, before the driver runs out of memory, an in-memory selection of more rows than it is sized for."""
+    if rows <= MAX_DRIVER_ROWS:
+        return
+    what = "select.semdedup" if config.select.semdedup is not None else f"policy {config.select.policy!r}"
+    planned = sorted(name for name, cls in POLICIES.items() if cls.plan is not Policy.plan)
+    raise ConfigError(
+        f"{what} selects in memory on the driver (about 0.5 KB a row) and takes at most {MAX_DRIVER_ROWS:,} rows; "
+        f"this corpus has {rows:,}. Use a policy planned on statistics ({', '.join(planned)}), which never holds "
+        "the rows on the driver, or set RAYSEL_MAX_DRIVER_ROWS higher on a driver with the memory"
+    )
 
 
 class _NoUsableRows(Exception):
     """Pass 2 found nothing to cluster: every row was quarantined."""
 
 
-def _commit_all_quarantined(config, files, sink, scores_uri, timings, reuse) -> RunResult:
+def _commit_all_quarantined(config, files, sink, assigned, timings, reuse) -> RunResult:
     """Commit the ledger of a corpus with no usable row (every row quarantined, with its reason), then fail
     with the reasons: the user learns why from the message and finds each row in the ledger."""
     with _timed(timings, "write"):
-        table = collect_rows(config, scores_uri, np.zeros((0, 0), dtype=np.float32))
+        table = collect_rows(assigned)
         table = table.add_column(1, "status", pa.array(["quarantined"] * table.num_rows, type=pa.string()))
         sink.write_ledger(table)
-        written = write_selected(config, files, table, sink)
-    counts = {"quarantined": table.num_rows}
+        summary = summarize_ledger(sink.ledger_uri, config.score_columns, 0)
+        written = write_selected(config, files, sink, 0)
     info = {"policy": config.select.policy, "budget_rows": 0, "usable_rows": 0}
-    reuse["clusters"] = {"reused": False}
-    manifest = _manifest(config, files, table, counts, timings, info, written, np.zeros((0, 0)), reuse)
+    manifest = _manifest(config, files, summary, timings, info, written, np.zeros((0, 0)), reuse)
     sink.commit(manifest)
     top = "; ".join(f"{n} × {r}" for r, n in list(manifest["quarantine_reasons"].items())[:3])
     raise InputError(
@@ -298,11 +349,20 @@ def _read_files(batch: dict[str, np.ndarray], config: Any, skip_rows: dict | Non
 # --- pass 2: cluster -----------------------------------------------------------------------------------------
 
 
+def _cluster_key(config: RunConfig, key: str) -> str:
+    return hashlib.sha256(f"{key}|{config.cluster.model_dump_json()}".encode()).hexdigest()[:16]
+
+
+def _assigned_uri(config: RunConfig, key: str) -> str:
+    """The assigned shards (every row with its cluster, no embedding) of these scores and centroids."""
+    return rfs.join(rfs.join(config.resolved_work_dir(), key), f"assigned-{_cluster_key(config, key)}")
+
+
 def cluster_pass(config: RunConfig, scores_uri: str, key: str) -> tuple[np.ndarray, bool]:
-    """Pass 2: centroids trained on a seeded, order-independent sample of usable embeddings (cached)."""
+    """Pass 2: centroids trained on a seeded, order-independent sample of usable embeddings (cached); then
+    `assign_pass` gives every row its cluster."""
     cfg = config.cluster
-    ckey = hashlib.sha256(f"{key}|{cfg.model_dump_json()}".encode()).hexdigest()[:16]
-    uri = rfs.join(rfs.join(config.resolved_work_dir(), key), f"centroids-{ckey}.npy")
+    uri = rfs.join(rfs.join(config.resolved_work_dir(), key), f"centroids-{_cluster_key(config, key)}.npy")
     if rfs.exists(uri):
         fs, path = rfs.resolve(uri)
         with fs.open_input_file(path) as f:
@@ -324,19 +384,13 @@ def cluster_pass(config: RunConfig, scores_uri: str, key: str) -> tuple[np.ndarr
 # --- pass 3: select ------------------------------------------------------------------------------------------
 
 
-def collect_rows(config: RunConfig, scores_uri: str, centroids: np.ndarray) -> pa.Table:
-    """Every row's id, provenance, scores and cluster (no text, no embedding) on the driver, sorted by id."""
-
-    ds = read_shards(scores_uri)
-    ds = ds.map_batches(_assign, fn_kwargs={"centroids": centroids}, batch_format="numpy", num_cpus=IO_TASK_CPUS)
-    tables = [t for t in ds.drop_columns(["embedding"]).iter_batches(batch_format="pyarrow", batch_size=None)]
+def collect_rows(assigned_uri: str) -> pa.Table:
+    """Every row's id, provenance, scores and cluster on the driver, sorted by id: the in-memory path, for the
+    policies without a plan (mig, bandit) and semdedup. O(rows) driver memory (about 0.5 KB a row)."""
+    tables = [t for t in read_shards(assigned_uri).iter_batches(batch_format="pyarrow", batch_size=None)]
     table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
     table = table.sort_by([("id", "ascending"), ("source", "ascending"), ("row", "ascending")])
     return _quarantine_duplicate_ids(table)
-
-
-def _assign(batch: dict[str, np.ndarray], centroids: np.ndarray) -> dict[str, np.ndarray]:
-    return ClusterAssigner(centroids)(batch)
 
 
 def _quarantine_duplicate_ids(table: pa.Table) -> pa.Table:
@@ -411,44 +465,45 @@ def _column(table: pa.Table, name: str, rows: np.ndarray) -> np.ndarray | None:
 DEFAULT_SHARD_BYTES = 128 << 20
 
 
-def write_selected(config: RunConfig, files: list[InputFile], table: pa.Table, sink: OutputSink) -> int:
-    """Write the selected rows, joined back to their original records, as even shards with an index
-    (raysel/io/selected.py); returns the rows written, verified by the sink."""
+def write_selected(config: RunConfig, files: list[InputFile], sink: OutputSink, expected_rows: int) -> int:
+    """Write the selected rows of the staged ledger, joined back to their original records, as even shards with
+    an index (raysel/io/selected.py); returns the rows written, verified by the sink.
+
+    The ledger's selected rows are grouped by input file (a Ray group-by); one task per file reads just those
+    records and writes its part. The driver sees one entry per file and per shard."""
     import ray
 
     out = config.output
-    chosen = table.filter(pa.compute.equal(table.column("status"), "selected"))
     # raysel's own scores only: a score field is one of the record's own fields, and stays as it came in
     annotate = ["id", "cluster", *(s.name for s in config.scorers)] if out.annotate else []
-    attach = chosen.select(["source", "row", *annotate]).rename_columns(
-        [selected.SOURCE, selected.ROW, *(out.prefix + c for c in annotate)]
-    )
-    keep_rows: dict[str, list[int]] = {}
-    for rel, row in zip(chosen.column("source").to_pylist(), chosen.column("row").to_pylist(), strict=True):
-        keep_rows.setdefault(rel, []).append(row)
     parts_uri = rfs.join(sink.staging, "parts")
-    wanted = [
-        {"uri": f.uri, "rel": f.rel, "part": rfs.join(parts_uri, f"{i:06d}.parquet")}
-        for i, f in enumerate(files)
-        if f.rel in keep_rows
-    ]
+    targets = {f.rel: (f.uri, rfs.join(parts_uri, f"{i:06d}.parquet")) for i, f in enumerate(files)}
     parts: list[selected.Part] = []
-    if wanted:
-        ds = ray.data.from_items(wanted, override_num_blocks=len(wanted)).map_batches(
-            _write_part,
-            fn_kwargs={"config": config.input, "keep_rows": keep_rows, "attach": ray.put(attach)},
-            batch_size=1,
-            num_cpus=IO_TASK_CPUS,
-        )
+    settings = {"config": config.input, "targets": targets, "annotate": annotate, "prefix": out.prefix}
+    if expected_rows:
+        chosen = read_shards(sink.ledger_uri, columns=["status", "source", "row", *dict.fromkeys(annotate)])
+        chosen = chosen.filter(lambda r: r["status"] == "selected")
+        if expected_rows <= IN_MEMORY_ROWS:  # a few rows: grouped on the driver, not by a Ray shuffle
+            table = pa.concat_tables(chosen.iter_batches(batch_format="pyarrow", batch_size=None))
+            sources = sorted(set(table.column("source").to_pylist()))
+            ds = ray.data.from_items([{"source": r} for r in sources], override_num_blocks=len(sources))
+            ds = ds.map_batches(
+                _write_parts, fn_kwargs={"chosen": ray.put(table), **settings}, batch_size=1, num_cpus=IO_TASK_CPUS
+            )
+        else:
+            ds = chosen.groupby("source", num_partitions=max(1, min(len(files), 64))).map_groups(
+                _write_part, fn_kwargs=settings, batch_format="pyarrow", num_cpus=IO_TASK_CPUS
+            )
         parts = sorted(selected.Part(r["part"], int(r["rows"])) for r in ds.take_all() if r["rows"])
-    shard_uri = sink.selected_uri
     schema = selected.shared_schema([selected.part_schema(p) for p in parts], drop=(selected.RAW_JSON,))
     rows = selected.rows_per_shard(
         parts, shard_rows=out.shard_rows, shard_bytes=out.shard_bytes or DEFAULT_SHARD_BYTES
     )
     plan = selected.plan_shards(parts, rows)
     ext = selected.EXTENSIONS[out.format]
-    shards = [{"slices": json.dumps(s), "uri": rfs.join(shard_uri, f"part-{j:05d}{ext}")} for j, s in enumerate(plan)]
+    shards = [
+        {"slices": json.dumps(s), "uri": rfs.join(sink.selected_uri, f"part-{j:05d}{ext}")} for j, s in enumerate(plan)
+    ]
     entries: list[dict[str, Any]] = []
     if shards:
         ds = ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
@@ -459,18 +514,30 @@ def write_selected(config: RunConfig, files: list[InputFile], table: pa.Table, s
         )
         entries = sorted(ds.take_all(), key=lambda e: e["name"])
     rfs.delete_dir(parts_uri)
-    return sink.write_selected_index(selected.index(out.format, schema, entries), expected_rows=chosen.num_rows)
+    return sink.write_selected_index(selected.index(out.format, schema, entries), expected_rows=expected_rows)
 
 
-def _write_part(batch: dict[str, np.ndarray], config: Any, keep_rows: dict, attach: Any) -> dict[str, list]:
+def _write_parts(batch: dict[str, np.ndarray], chosen: Any, **settings: Any) -> dict[str, list]:
     import ray
 
-    attach_table = ray.get(attach) if isinstance(attach, ray.ObjectRef) else attach
-    rows = [
-        selected.write_part(str(uri), str(rel), str(part), config=config, rows=keep_rows[rel], attach=attach_table)
-        for uri, rel, part in zip(batch["uri"], batch["rel"], batch["part"], strict=True)
-    ]
-    return {"part": [str(p) for p in batch["part"]], "rows": rows}
+    table = ray.get(chosen) if isinstance(chosen, ray.ObjectRef) else chosen
+    out: dict[str, list] = {"part": [], "rows": []}
+    for source in batch["source"]:
+        part = _write_part(table.filter(pa.compute.equal(table.column("source"), str(source))), **settings)
+        out["part"] += part["part"]
+        out["rows"] += part["rows"]
+    return out
+
+
+def _write_part(chosen: pa.Table, config: Any, targets: dict, annotate: list[str], prefix: str) -> dict[str, list]:
+    """One input file's selected rows (a group of the ledger's), written as its part."""
+    rel = chosen.column("source")[0].as_py()
+    uri, part = targets[rel]
+    attach = chosen.select(["source", "row", *annotate]).rename_columns(
+        [selected.SOURCE, selected.ROW, *(prefix + c for c in annotate)]
+    )
+    rows = chosen.column("row").to_pylist()
+    return {"part": [part], "rows": [selected.write_part(uri, rel, part, config=config, rows=rows, attach=attach)]}
 
 
 def _write_shard(batch: dict[str, np.ndarray], schema: pa.Schema, fmt: str, annotate: list[str]) -> dict[str, list]:
@@ -481,41 +548,21 @@ def _write_shard(batch: dict[str, np.ndarray], schema: pa.Schema, fmt: str, anno
     return {k: [e[k] for e in entries] for k in selected.INDEX_KEYS}
 
 
-def _score_summary(config: RunConfig, table: pa.Table) -> dict[str, Any]:
-    """The score columns (raysel's scorers, the input's score fields) and, per column, how many usable rows
-    (selected or rejected) have no value (NaN): a policy ranks those last."""
-    usable = pa.compute.not_equal(table.column("status"), "quarantined")
-    unscored = {}
-    for name in config.score_columns:
-        if name in table.column_names:
-            values = table.column(name).filter(usable)
-            missing = pa.compute.or_kleene(pa.compute.is_nan(values), pa.compute.is_null(values))
-            unscored[name] = int(pa.compute.sum(missing).as_py() or 0)
-    return {
-        "scorers": [s.name for s in config.scorers],
-        "fields": list(config.input.score_fields),
-        "unscored": unscored,
-    }
-
-
-def _manifest(config, files, table, counts, timings, selection_info, written, centroids, reuse) -> dict[str, Any]:
+def _manifest(config, files, summary, timings, selection_info, written, centroids, reuse) -> dict[str, Any]:
+    """The run's manifest; `summary` is `summarize_ledger`'s view of the ledger (counts, reasons, flags, sizes)."""
     import faiss
     import ray
     import torch
     import transformers
 
-    usable_clusters = table.filter(pa.compute.not_equal(table.column("cluster"), -1)).column("cluster").to_numpy()
-    sizes = np.bincount(usable_clusters, minlength=len(centroids)) if len(usable_clusters) else np.zeros(0, int)
-    reasons = Counter(
-        r
-        for r, s in zip(table.column("reason").to_pylist(), table.column("status").to_pylist(), strict=True)
-        if s == "quarantined"
-    )
     skipped = getattr(files, "skipped", ())  # list_input's InputFiles; a plain list skipped nothing
-    flags = {
-        c: int(pa.compute.sum(table.column(c)).as_py() or 0)
-        for c in ("text_cut", "embed_cut", "lm_cut")
-        if c in table.column_names
+    counts = summary["status"]
+    # The score columns (raysel's scorers, the input's score fields) and, per column, how many usable rows
+    # (selected or rejected) have no value (NaN): a policy ranks those last.
+    scores = {
+        "scorers": [s.name for s in config.scorers],
+        "fields": list(config.input.score_fields),
+        "unscored": dict(summary["unscored"]),
     }
     return {
         "raysel_version": __version__,
@@ -524,17 +571,17 @@ def _manifest(config, files, table, counts, timings, selection_info, written, ce
         "input": {
             "files": len(files),
             "bytes": sum(f.size for f in files),
-            "rows": table.num_rows,
+            "rows": summary["rows"],
             "fingerprint": dict(Counter(rfs.fingerprint_method(f.uri, f.size, f.mtime_ns) for f in files)),
             "skipped_files": {"count": len(skipped), "names": list(skipped[:100])},  # files of no input format
         },
         "counts": {s: counts.get(s, 0) for s in ("selected", "rejected", "quarantined")},
-        "quarantine_reasons": dict(reasons.most_common(20)),
-        "truncated": flags,
-        "scores": _score_summary(config, table),
+        "quarantine_reasons": dict(summary["reasons"].most_common(20)),
+        "truncated": dict(summary["flags"]),
+        "scores": scores,
         "selection": selection_info,
         "selected_rows_written": written,
-        "clusters": {"k": int(len(centroids)), "sizes": sizes.tolist()},
+        "clusters": {"k": int(len(centroids)), "sizes": summary["sizes"].tolist()},
         "reuse": reuse,
         "seconds": dict(timings),
         "versions": {

@@ -296,8 +296,13 @@ class OutputSink:
                 fs.delete_dir(info.path)
 
     # --- writing -------------------------------------------------------------------------------------------
+    @property
+    def ledger_uri(self) -> str:
+        """Where the ledger is staged: written here from the driver (`write_ledger`) or by the workers."""
+        return rfs.join(self.staging, "ledger")
+
     def write_ledger(self, table: pa.Table) -> None:
-        fs, path = rfs.resolve(rfs.join(self.staging, "ledger"))
+        fs, path = rfs.resolve(self.ledger_uri)
         fs.create_dir(path, recursive=True)
         for part, start in enumerate(range(0, max(table.num_rows, 1), LEDGER_ROWS_PER_FILE)):
             with fs.open_output_stream(f"{path}/part-{part:05d}.parquet") as out:
