@@ -6,7 +6,11 @@ randomly-initialised local models (a 2-layer BERT encoder and a 2-layer Llama wi
 tokenizers): the driver's memory does not depend on the models' size, only the run time does.
 The rows are short synthetic texts made from real BBC sentences, repeated and perturbed.
 
-    python benchmarks/memory.py [--sizes 10000 100000 1000000] [--out benchmarks/RESULTS.md]
+    python benchmarks/memory.py [--sizes 10000 100000 1000000] [--policy stratified] [--k 64] [--out RESULTS.md]
+
+With `--no-lm` the rows carry a synthetic `quality` field (input.score_fields), so that the scored policies
+(`stratified`, `topk`) have a score to rank by without the LM stage. The work dir of each size is kept under
+--root, so a second invocation with another policy or k reuses pass 1.
 
 Each size runs in a fresh driver process (its own `ray.init`), so its peak RSS (ru_maxrss) is its own:
 first pass 1 alone (its peak must not grow with the corpus), then the whole run (`raysel.pipeline.run`,
@@ -90,11 +94,11 @@ def make_corpus(root: Path, rows: int) -> Path:
                 words = rng.choice(sentences).split()
                 j = rng.randrange(len(words))
                 words[j] = f"{words[j]}{rng.randrange(1000)}"  # perturbed: no two rows alike
-                f.write(json.dumps({"text": " ".join(words[:24])}) + "\n")
+                f.write(json.dumps({"text": " ".join(words[:24]), "quality": round(rng.random(), 6)}) + "\n")
     return folder
 
 
-def measure(corpus: Path, enc: Path, lm: Path, work: Path) -> dict:
+def measure(corpus: Path, enc: Path, lm: Path, work: Path, policy: str, k: int) -> dict:
     """Runs in a fresh process: pass 1 alone, then the whole run (pass 1 reused); seconds and driver peak RSS."""
     import resource
 
@@ -105,15 +109,15 @@ def measure(corpus: Path, enc: Path, lm: Path, work: Path) -> dict:
 
     with_lm = os.environ.get(LM_ENV, "1") == "1"
     lm_stage = {"name": "entropy", "model": str(lm), "batch_size": 128, "max_tokens": 32}
+    score = "entropy" if with_lm else "quality"
     cfg = parse_config(
         {
-            "input": {"path": str(corpus)},
-            "output": {"path": str(work / "out")},
+            "input": {"path": str(corpus), **({} if with_lm else {"score_fields": ["quality"]})},
+            "output": {"path": str(work / f"out-{policy}-{k}"), "overwrite": True},
             "embed": {"model": str(enc), "batch_size": 256, "max_tokens": 32},
             "scorers": [lm_stage] if with_lm else [],
-            "select": {"budget": 0.1, "policy": "stratified", "score": "entropy"}
-            if with_lm
-            else {"budget": 0.1, "policy": "random"},
+            "cluster": {"k": k},
+            "select": {"budget": 0.1, "policy": policy, **({} if policy == "random" else {"score": score})},
             "work_dir": str(work),
         }
     )
@@ -153,11 +157,13 @@ def main() -> None:
     parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "raysel-memory-bench"))
     parser.add_argument("--out", help="append the Markdown table to this file")
     parser.add_argument("--no-lm", action="store_true", help="pass 1 with the embedding stage only (faster)")
+    parser.add_argument("--policy", default="random", help="the selection policy (random, stratified, topk, ...)")
+    parser.add_argument("--k", type=int, default=64, help="clusters")
     parser.add_argument("--_one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._one:
         corpus, enc, lm, work = map(Path, args._one)
-        print(json.dumps(measure(corpus, enc, lm, work)))
+        print(json.dumps(measure(corpus, enc, lm, work, args.policy, args.k)))
         return
 
     root = Path(args.root)
@@ -166,9 +172,10 @@ def main() -> None:
     results = []
     for size in args.sizes:
         corpus = make_corpus(root, size)
-        work = Path(tempfile.mkdtemp(prefix=f"work-{size}-", dir=root))
+        work = root / f"work-{size}-{'lm' if not args.no_lm else 'nolm'}"
         proc = subprocess.run(
-            [sys.executable, __file__, "--_one", str(corpus), str(enc), str(lm), str(work)],
+            [sys.executable, __file__, "--_one", str(corpus), str(enc), str(lm), str(work)]
+            + ["--policy", args.policy, "--k", str(args.k)],
             env={**os.environ, LM_ENV: "0" if args.no_lm else "1"},
             capture_output=True,
             text=True,
@@ -178,6 +185,8 @@ def main() -> None:
         results.append((size, result))
         print(size, result, flush=True)
     lines = [
+        f"policy `{args.policy}`, k = {args.k}:",
+        "",
         "| rows | pass 1 seconds | pass 1 rows/s | driver RSS after ray.init (MiB) | driver peak, pass 1 (MiB) "
         "| passes 2-4 seconds (cluster / select / write) | driver peak, whole run (MiB) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -185,7 +194,8 @@ def main() -> None:
     for size, r in results:
         later = r["later_passes_seconds"]
         lines.append(
-            f"| {size:,} | {r['seconds']} | {r['rows'] / r['seconds']:.0f} | {r['rss_at_start_mib']} "
+            f"| {size:,} | {r['seconds'] if r['rows'] else 'reused'} "
+            f"| {r['rows'] / r['seconds'] if r['rows'] else float('nan'):.0f} | {r['rss_at_start_mib']} "
             f"| {r['peak_rss_mib']} | {later['cluster']:.1f} / {later['select']:.1f} / {later['write']:.1f} "
             f"| {r['run_peak_rss_mib']} |"
         )

@@ -5,11 +5,15 @@ pass 1  score     Ray Data streams the corpus files through the reader, the embe
                   quarantine reason) go to the work dir, keyed by what determines them, and are
                   reused by any later run with the same input, models and scorer settings.
 pass 2  cluster   FAISS spherical k-means on a seeded sample of the embeddings (centroids kept in
-                  the work dir), then every row assigned to its nearest centroid in map_batches.
-pass 3  select    the policy chooses among the usable rows inside the budget (driver side: only
-                  ids, clusters and scores travel there, never texts or embeddings).
-pass 4  write     OUT/ledger (one row per input row), OUT/selected (the chosen rows joined back to
-                  their original records), OUT/manifest.json, and OUT/_SUCCESS last.
+                  the work dir), then every row assigned to its nearest centroid in a map (the
+                  assigned shards, without embeddings, kept in the work dir too).
+pass 3  select    a planned policy (random, topk, threshold, stratified, hard_easy) plans on
+                  per-cluster statistics and finds its exact cuts in a few passes over the rows: the
+                  driver holds O(clusters × 256) counts, never a row per row. The others (mig,
+                  bandit, semdedup) collect ids, clusters and scores on the driver, up to a limit.
+pass 4  write     OUT/ledger (one row per input row; written by the workers for a planned policy),
+                  OUT/selected (the chosen rows joined back to their original records, per input
+                  file, in tasks), OUT/manifest.json, and OUT/_SUCCESS last.
 """
 
 from __future__ import annotations
@@ -41,10 +45,11 @@ from raysel.io.sink import OutputSink, is_committed
 from raysel.models import model_fingerprint
 from raysel.scorers import SCORERS
 from raysel.select import POLICIES, Candidates, Policy, budget_rows
-from raysel.select.plan import CutService
+from raysel.select.plan import CutService, Plan
 from raysel.select.stream import (
     IN_MEMORY_ROWS,
     RayBlocks,
+    Repeats,
     apply_pass,
     assign_pass,
     repeated_ids,
@@ -141,14 +146,7 @@ def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, tim
     plan = None
     with _timed(timings, "select"):
         if streams(config):
-            repeats = repeated_ids(assigned)
-            runner = RayBlocks(assigned, repeats, config.score_columns)
-            stats = selection_stats(runner)
-            budget = budget_rows(config.select.budget, stats.usable)
-            cuts = CutService(runner)
-            plan = policy.plan(stats, budget, cuts)
-            info = {"policy": config.select.policy, "budget_rows": budget, "usable_rows": stats.usable, **plan.info}
-            info["passes"] = cuts.passes
+            plan, repeats, info = plan_pass(config, policy, assigned)
         else:  # a policy that is greedy over rows or probes them: in memory, on the driver
             _check_driver_rows(config, rfs.parquet_rows(assigned))
             table = collect_rows(assigned)
@@ -164,6 +162,19 @@ def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, tim
     manifest = _manifest(config, files, summary, timings, info, written, centroids, reuse)
     sink.commit(manifest)  # manifest.json, then _SUCCESS
     return RunResult(config.output.path, manifest, manifest["counts"])
+
+
+def plan_pass(config: RunConfig, policy: Policy, assigned: str) -> tuple[Plan, Repeats, dict[str, Any]]:
+    """Pass 3 for a planned policy: repeated ids, per-cluster statistics, then the policy's plan, its cuts found
+    in a few passes over the candidate columns (raysel/select/stream.py). Returns (plan, repeats, summary)."""
+    repeats = repeated_ids(assigned)
+    runner = RayBlocks(assigned, repeats, config.score_columns)
+    stats = selection_stats(runner)
+    budget = budget_rows(config.select.budget, stats.usable)
+    cuts = CutService(runner)
+    plan = policy.plan(stats, budget, cuts)
+    info = {"policy": config.select.policy, "budget_rows": budget, "usable_rows": stats.usable, **plan.info}
+    return plan, repeats, {**info, "passes": cuts.passes}
 
 
 def streams(config: RunConfig) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -361,8 +362,12 @@ def split_blocks(ds: Any, rows: int) -> Any:
         return ds
 
 
+SHARDS_PER_READ_TASK = 32
+
+
 def read_shards(uri: str, columns: list[str] | None = None) -> Any:
-    """A folder of Parquet shards as a dataset, read by IO_TASK_CPUS tasks, one per file.
+    """A folder of Parquet shards as a dataset, read by IO_TASK_CPUS tasks of up to SHARDS_PER_READ_TASK files
+    each (at least two tasks per CPU), in file order.
 
     Not `ray.data.read_parquet`: in Ray 2.60 it lists the files in a task that reserves a whole CPU, and on a
     small cluster whose actor pools hold the other CPUs that task never runs: the pass waits, silently.
@@ -379,7 +384,11 @@ def read_shards(uri: str, columns: list[str] | None = None) -> Any:
         for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         if info.path.endswith(".parquet")
     )
-    ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=max(1, len(files)))
+    # A task per file costs ~0.1 s of scheduling each here, more than reading a 2,048-row shard: a pass over
+    # 1M rows in 489 shards took 7 s, in 16 tasks 0.3 s. Enough tasks to keep every CPU reading, no more.
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    tasks = min(len(files), max(2 * cpus, math.ceil(len(files) / SHARDS_PER_READ_TASK)))
+    ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=max(1, tasks))
     return ds.map_batches(_read_shard, fn_kwargs={"columns": columns}, batch_size=1, num_cpus=IO_TASK_CPUS)
 
 

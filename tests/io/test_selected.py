@@ -159,20 +159,43 @@ def test_parquet_output_keeps_nested_fields_and_types_with_raysel_columns_under_
     assert _index(out) == index
 
 
-def test_jsonl_gz_output_on_s3(mixed_corpus, s3_server, ray_cluster):
+def _lines(body: bytes, fmt: str) -> list[dict]:
+    if fmt == "jsonl.gz":
+        body = gzip.decompress(body)
+    elif fmt == "jsonl.zst":
+        body = pa.input_stream(pa.py_buffer(body), compression="zstd").read()
+    return [json.loads(line) for line in body.decode().splitlines()]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "jsonl.zst"])
+def test_jsonl_outputs_on_s3(mixed_corpus, s3_server, ray_cluster, fmt):
     root, _, _ = mixed_corpus
-    config = _config(root, "unused", format="jsonl.gz", shard_bytes=2000)
-    config["output"]["path"] = "s3://raysel-test/selected-out/run"
+    config = _config(root, "unused", format=fmt, shard_bytes=2000)
+    prefix = f"raysel-test/selected-out/{fmt}"
+    config["output"]["path"] = f"s3://{prefix}"
     run(parse_config(config))
     fs = s3_server.filesystem()
-    with fs.open_input_stream("raysel-test/selected-out/run/selected/_index.json") as f:
+    with fs.open_input_stream(f"{prefix}/selected/_index.json") as f:
         index = json.loads(f.read())
     assert len(index["shards"]) > 1 and index["rows"] == 15
+    assert all(s["name"].endswith(f".{fmt}") for s in index["shards"])
     records = []
     for shard in index["shards"]:
-        with fs.open_input_stream(f"raysel-test/selected-out/run/selected/{shard['name']}", compression=None) as f:
+        with fs.open_input_stream(f"{prefix}/selected/{shard['name']}", compression=None) as f:
             body = f.read()
         assert hashlib.sha256(body).hexdigest() == shard["sha256"]
-        records += [json.loads(line) for line in gzip.decompress(body).decode().splitlines()]
+        records += _lines(body, fmt)
     assert len(records) == 15 and all({"id", "cluster", "loss", "meta"} <= set(r) for r in records)
-    assert fs.get_file_info("raysel-test/selected-out/run/_SUCCESS").type == pafs.FileType.File
+    assert fs.get_file_info(f"{prefix}/_SUCCESS").type == pafs.FileType.File
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz"])
+def test_jsonl_outputs_on_a_local_disk(mixed_corpus, ray_cluster, fmt):
+    root, jsonl_rows, _ = mixed_corpus
+    run(parse_config(_config(root, f"local-{fmt}", format=fmt, annotate=False)))
+    index = _index(root / f"local-{fmt}")
+    records = [
+        r for s in index["shards"] for r in _lines((root / f"local-{fmt}" / "selected" / s["name"]).read_bytes(), fmt)
+    ]
+    assert len(records) == 15
+    assert all(r in jsonl_rows for r in records if not str(r["id"]).startswith("p-"))
