@@ -33,12 +33,10 @@ from raysel.select.plan import Plan, SelectionStats
 
 Repeats = dict[str, dict[int, str]]  # {source: {row: reason}} of the rows quarantined as repeated ids
 CANDIDATE_COLUMNS = ["id", "cluster", "reason", "source", "row"]
-MAX_REASONS = 10_000
+MAX_REASONS = 10_000  # distinct quarantine reasons the summary keeps counting (the rarest are dropped past it)
 # Below this many rows, a step that would shuffle (repeated ids, the selected rows grouped by file) runs on the
-# driver instead: a Ray shuffle's start-up costs seconds, more than the driver's work up to here.
-IN_MEMORY_ROWS = int(
-    os.environ.get("RAYSEL_IN_MEMORY_ROWS", 1_000_000)
-)  # distinct quarantine reasons the summary keeps counting (the rarest are dropped past it)
+# driver instead (~60 bytes a row, 12 MiB at the default): a Ray shuffle's start-up costs seconds.
+IN_MEMORY_ROWS = int(os.environ.get("RAYSEL_IN_MEMORY_ROWS", 200_000))
 
 
 def _dataset_rows() -> int:
