@@ -156,13 +156,21 @@ def speed(args) -> dict:
     infl(batch_of(texts[:2]))
     small(texts[:2])
     naive(texts[:2], 2)
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(args.rounds):
-        for name, fn in contenders.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    names = list(contenders)
+    wall: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # a rotating order within each round
+            t, c = time.perf_counter(), time.process_time()
+            contenders[name]()
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+
+    def ratio(a: str, b: str, clock: dict[str, list[float]]) -> float:
+        """Median over rounds of clock[a] / clock[b]: both sides of a ratio ran within the same round."""
+        return round(statistics.median(x / y for x, y in zip(clock[a], clock[b], strict=True)), 3)
+
+    med = {k: statistics.median(v) for k, v in wall.items()}
     result = {
         "texts": len(texts),
         "tokens": n_tokens,
@@ -170,18 +178,25 @@ def speed(args) -> dict:
         "batch_size": args.batch_size,
         "threads": args.threads,
         "rounds": args.rounds,
-        "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()},
-        "tokens_per_s": {k: round(n_tokens / v, 1) for k, v in med.items()},
-        "examples_per_s": {k: round(len(texts) / v, 2) for k, v in med.items()},
-        "lm_influence_over_loss_tokens_per_s": round(med["loss"] / med["lm_influence"], 3),
-        "lm_influence_over_naive_same_setting": round(med["naive_last1_d128"] / med["lm_influence_last1_d128"], 1),
-        "per_round_ratio_influence_over_loss": [
-            round(a / b, 3) for a, b in zip(times["loss"], times["lm_influence"], strict=True)
-        ],
+        "wall_s": {k: [round(x, 2) for x in v] for k, v in wall.items()},
+        "cpu_s": {k: [round(x, 2) for x in v] for k, v in cpu.items()},
+        "tokens_per_s (median wall)": {k: round(n_tokens / v, 1) for k, v in med.items()},
+        "examples_per_s (median wall)": {k: round(len(texts) / v, 2) for k, v in med.items()},
+        "lm_influence / loss tokens/s, median per-round ratio (wall)": ratio("loss", "lm_influence", wall),
+        "lm_influence / loss tokens/s, median per-round ratio (cpu)": ratio("loss", "lm_influence", cpu),
+        "lm_influence / naive examples/s at last1 d128 (wall)": ratio(
+            "naive_last1_d128", "lm_influence_last1_d128", wall
+        ),
+        "lm_influence / naive examples/s at last1 d128 (cpu)": ratio(
+            "naive_last1_d128", "lm_influence_last1_d128", cpu
+        ),
         "lm_influence_dim": infl.gradients.dim,
         "lm_influence_layers": len(infl.gradients.projector.names),
         "naive_params": naive.n_params,
         "naive_matrix_gib": round(naive.n_params * 128 * 4 / 2**30, 2),
+        "default_dense_matrix_gib": round(
+            sum(m.weight.numel() for m in infl.gradients.projector.layers.values()) * 8192 * 4 / 2**30, 1
+        ),
         "lm_influence_construct_s (load + 20 target texts)": round(construct_s, 1),
     }
     return result
@@ -237,8 +252,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/raysel-bench-lm-influence"))
     parser.add_argument("--part", choices=["speed", "quality", "all"], default="all")
-    parser.add_argument("--texts", type=int, default=32, help="texts timed per call (speed)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--texts", type=int, default=16, help="texts timed per call (speed)")
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
