@@ -234,7 +234,10 @@ def config_digest(config: RunConfig) -> str:
 def score_key(config: RunConfig, files: list[InputFile]) -> str:
     """What determines pass 1's output: the input's content, the reading settings, the models and scorers."""
     text_scorers = [s for s in config.scorers if getattr(SCORERS[s.name], "inputs", "text") == "text"]
-    scorer_settings = [s.model_dump(include={"name", "model", "max_tokens", "device", "params"}) for s in text_scorers]
+    # A target file named in params stands for its content too (settings_digest): rewritten, it is a new key.
+    scorer_settings = rfs.settings_digest(
+        [s.model_dump(include={"name", "model", "max_tokens", "device", "params"}) for s in text_scorers]
+    )
     reading = config.input.model_dump(exclude={"path"})
     if not reading["score_fields"]:  # left out when unused, so the work dirs of runs before the field still count
         del reading["score_fields"]
