@@ -17,6 +17,19 @@ from raysel.models import load_causal_lm, pick_device, set_threads
 from raysel.scorers import register_scorer
 
 
+def pad_batch(seqs: list[list[int]], pad: int):
+    """(input_ids, attention_mask) as [len(seqs), longest] long tensors, right-padded with `pad`."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return input_ids, mask
+
+
 def token_stats(logits, input_ids, attention_mask):
     """Per-sequence (mean entropy, mean NLL, number of predicted tokens) of a padded batch.
 
@@ -119,12 +132,7 @@ class CausalLMScorer:
     def _forward(self, seqs: list[list[int]]):
         import torch
 
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            input_ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        input_ids, mask = pad_batch(seqs, self.pad)
         with torch.inference_mode():
             logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
             ids_dev, mask_dev = input_ids.to(self.device), mask.to(self.device)

@@ -40,6 +40,7 @@ from raysel.io import fs as rfs
 from raysel.models import load_causal_lm, model_fingerprint, pick_device, set_threads
 from raysel.scorers import register_scorer
 from raysel.scorers._logra import KroneckerProjector, Whitening
+from raysel.scorers.lm import pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +226,7 @@ class LMGradients:
     def _batch(self, seqs: list[list[int]]) -> np.ndarray:
         import torch
 
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            input_ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        input_ids, mask = pad_batch(seqs, self.pad)
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         with torch.enable_grad(), self.projector.capture(mask), self._leaf_at_first_block():
             logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
@@ -240,7 +236,7 @@ class LMGradients:
             targets[:, :-1] = torch.where(mask[:, 1:] > 0, input_ids[:, 1:], -100)
             nll = torch.nn.functional.cross_entropy(
                 logits.view(-1, logits.shape[-1]), targets.view(-1), reduction="none"
-            ).view(len(seqs), width)
+            ).view(input_ids.shape)
             counts = (targets >= 0).sum(1).clamp(min=1).to(nll.dtype)
             # Σ of per-text means: each text's δ is that of its own mean loss, whatever shares its batch.
             (nll.sum(1) / counts).sum().backward()
