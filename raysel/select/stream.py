@@ -39,7 +39,8 @@ MAX_REASONS = 10_000  # distinct quarantine reasons the summary keeps counting (
 IN_MEMORY_ROWS = int(os.environ.get("RAYSEL_IN_MEMORY_ROWS", 200_000))
 
 
-def _dataset_rows() -> int:
+def _shuffle_partitions() -> int:
+    """One group-by partition per CPU: Ray's default of 200 costs seconds of start-up on a small cluster."""
     import ray
 
     return max(2, int(ray.cluster_resources().get("CPU", 2)))
@@ -91,7 +92,7 @@ def repeated_ids(assigned_uri: str) -> Repeats:
         ds = read_shards(assigned_uri, columns=["id", "reason"]).map_batches(
             _usable_ids, batch_format="numpy", num_cpus=IO_TASK_CPUS
         )
-        counted = ds.groupby("id", num_partitions=_dataset_rows()).count()
+        counted = ds.groupby("id", num_partitions=_shuffle_partitions()).count()
         repeated = {r["id"] for r in counted.filter(lambda r: r["count()"] > 1).take_all()}
         where = (
             read_shards(assigned_uri, columns=["id", "reason", "source", "row"])
