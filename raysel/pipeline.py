@@ -435,7 +435,7 @@ def select_pass(
     """Run the policy on the usable rows; add `status` and fill `reason` for every row.
 
     Policies that need more than ids, clusters and scores (embeddings, an expensive scorer to probe
-    with) find the run's `RunContext` in `candidates.extra["context"]`."""
+    with) find the run's `RunContext` in `candidates.context`."""
     reasons = table.column("reason").to_numpy(zero_copy_only=False).astype(object)
     usable = np.flatnonzero(reasons == "")
     candidates = Candidates(
@@ -444,7 +444,8 @@ def select_pass(
         scores={
             s: table.column(s).to_numpy(zero_copy_only=False)[usable].astype(np.float64) for s in config.score_columns
         },
-        extra={"context": context, "labels": _column(table, "label", usable)},
+        labels=_column(table, "label", usable),
+        context=context,
     )
     budget = budget_rows(config.select.budget, len(candidates))
     dropped, dedup_info = np.zeros(0, dtype=np.int64), {}

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from raysel.config import SelectConfig
 from raysel.select.plan import CutService, Eligible, Plan, SelectionStats, Step
+
+if TYPE_CHECKING:
+    from raysel.context import RunContext
 
 POLICIES: dict[str, type[Policy]] = {}
 
@@ -42,7 +45,8 @@ class Candidates:
     ids: np.ndarray
     cluster: np.ndarray
     scores: dict[str, np.ndarray]
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. embeddings, labels, for policies that need them
+    labels: np.ndarray | None = None  # the corpus's label column, when it has one (class-aware policies)
+    context: RunContext | None = None  # the run's shards and work dir, for policies that read embeddings or probe
 
     def __len__(self) -> int:
         return len(self.ids)

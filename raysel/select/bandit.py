@@ -635,7 +635,7 @@ class BanditParams(BaseModel):
 class BanditPolicy(Policy):
     """Budgets per cluster from a bandit that probes clusters with an expensive scorer (module docstring).
 
-    Reads the run context (`candidates.extra["context"]`): the scored shards for the embeddings and the
+    Reads the run context (`candidates.context`): the scored shards for the embeddings and the
     probed rows, and the work dir for the saved rounds. The manifest's `selection.bandit` records the
     rounds, the rows probed, the fraction of the corpus the expensive scorer touched and the rewards.
     """
@@ -647,7 +647,7 @@ class BanditPolicy(Policy):
         from raysel.select.probe import Probe, ShardIndex, cluster_geometry
 
         params: BanditParams = self.config.typed_params()
-        context = candidates.extra.get("context")
+        context = candidates.context
         if context is None:
             raise ConfigError(
                 "select.policy: bandit needs the run context (scored shards, work dir); run it through raysel.pipeline"

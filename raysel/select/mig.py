@@ -143,7 +143,7 @@ class MIGPolicy(Policy):
         from raysel.select.probe import ShardIndex, cluster_geometry, embedding_matrix
 
         params: MIGParams = self.config.typed_params()
-        context = candidates.extra.get("context")
+        context = candidates.context
         if context is None:
             raise ConfigError("select.policy: mig needs the run context (embeddings); run it through raysel.pipeline")
         index = ShardIndex.build(context.scores_uri, candidates.ids)
@@ -152,7 +152,7 @@ class MIGPolicy(Policy):
             label_emb, _ = cluster_geometry(index, groups, len(names))
             label_sets = [(g,) for g in range(len(names))]
         else:
-            raw = candidates.extra.get("labels")
+            raw = candidates.labels
             if raw is None:
                 raise ConfigError("select.params.labels: `label` needs input.label_field; or use labels: cluster")
             sep = params.label_sep

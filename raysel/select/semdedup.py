@@ -155,12 +155,13 @@ def drop_near_duplicates(candidates: Candidates, context: Any, config: SelectCon
     reasons = np.full(n, "", dtype=object)
     for i in np.flatnonzero(~keep):
         reasons[i] = f"near-duplicate of {candidates.ids[dup_of[i]]} (cos {cos[i]:.2f})"
-    labels = candidates.extra.get("labels")
+    labels = candidates.labels
     remaining = Candidates(
         ids=candidates.ids[keep],
         cluster=candidates.cluster[keep],
         scores={k: v[keep] for k, v in candidates.scores.items()},
-        extra={**candidates.extra, "labels": None if labels is None else labels[keep]},
+        labels=None if labels is None else labels[keep],
+        context=candidates.context,
     )
     kept_by = config.score if config.score is not None and config.score in candidates.scores else "id"
     info = {"threshold": threshold, "dropped": int((~keep).sum()), "kept_by": kept_by}
