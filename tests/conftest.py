@@ -93,3 +93,31 @@ def write_jsonl(path: Path, rows: list[dict], bad: list[bytes] = ()) -> Path:
 def small_corpus(tmp_path) -> Path:
     """40 real articles and 6 bad lines of every kind, as JSONL."""
     return write_jsonl(tmp_path / "corpus.jsonl", bbc_sample(40), BAD_LINES)
+
+
+@pytest.fixture(scope="session")
+def three_nodes(tmp_path_factory):
+    """A real three-node Ray cluster on this machine (a head with no CPUs + two 2-CPU workers), started once for
+    every multi-node test (tests/test_faults.py, tests/test_determinism.py): a start costs about a minute."""
+    from tests.multinode import LocalCluster
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), worker_cpus=(2, 2), head_cpus=0)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def three_node_clean(three_nodes, tmp_path_factory) -> Path:
+    """The fault-free run on the three nodes (its output folder; its work dir, pass 1 done, is `clean-work`
+    beside it): the reference of the fault tests and one side of the determinism tests."""
+    from tests.multinode import FILES, ROWS_PER_FILE, finish, run_on, three_node_config
+
+    root = tmp_path_factory.mktemp("three-nodes")
+    rows = bbc_sample(FILES * ROWS_PER_FILE, seed=21, max_chars=200)
+    for i in range(FILES):
+        write_jsonl(root / "corpus" / f"part-{i}.jsonl", rows[i * ROWS_PER_FILE : (i + 1) * ROWS_PER_FILE])
+    finish(run_on(three_nodes.address, three_node_config(root, "clean"), three_nodes.env))
+    return root / "clean"

@@ -144,3 +144,56 @@ class LocalCluster:
         for proc in self.nodes.values():
             proc.wait(30)
         shutil.rmtree(self.root / "ray", ignore_errors=True)
+
+
+# --- runs on a cluster: the three-node corpus and config shared by the fault and determinism tests --------
+
+FILES, ROWS_PER_FILE = 8, 20
+
+
+def three_node_config(
+    root: Path,
+    name: str,
+    select: str | None = None,
+    *,
+    work: Path | None = None,
+    corpus: str = "corpus",
+    shard_rows: int = 32,
+    embed_actors: int = 1,
+) -> Path:
+    """The run config of the multi-node tests: a real corpus, the real encoder and LM, k=3, stratified entropy."""
+    select = select or "{budget: 0.3, policy: stratified, score: entropy, seed: 0}"
+    path = root / f"{name}.yaml"
+    path.write_text(
+        f"input: {{path: {root / corpus}, id_field: id}}\n"
+        f"output: {{path: {root / name}}}\n"
+        f"embed: {{batch_size: 8, max_tokens: 16, actors: {embed_actors}}}\n"
+        "scorers: [{name: entropy, max_tokens: 16, batch_size: 8}]\n"
+        "cluster: {k: 3}\n"
+        f"select: {select}\n"
+        f"work_dir: {work or root / (name + '-work')}\n"
+        f"shard_rows: {shard_rows}\n"  # several shards from a small corpus, so the run can be cut between them
+    )
+    return path
+
+
+def run_on(address: str, config: Path, env: dict | None = None) -> subprocess.Popen:
+    """`raysel run CONFIG --address ADDRESS` in a process of its own, as a user would start it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "raysel.cli", "run", str(config), "--address", address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env or os.environ.copy(),
+    )
+
+
+def finish(proc: subprocess.Popen) -> None:
+    out, _ = proc.communicate(timeout=900)  # nothing hangs: a lost node is noticed, its work redone
+    assert proc.returncode == 0, out[-5000:]
+
+
+def selected_ids(out: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return sorted(pq.read_table(out / "selected").column("id").to_pylist())
