@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raysel.errors import ConfigError
+from raysel.registry import POLICIES, SCORERS, Registry, UnknownName
 
 
 class _Frozen(BaseModel):
@@ -152,23 +153,16 @@ class ScorerConfig(StageConfig):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from raysel.scorers import SCORERS
-
-        if name not in SCORERS:
-            raise ValueError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)}")
+        _known_name(SCORERS, name)
         return name
 
     @model_validator(mode="after")
     def _params(self) -> ScorerConfig:
-        from raysel.scorers import SCORERS
-
         object.__setattr__(self, "params", _validate_params(SCORERS[self.name], self.params, f"scorer {self.name!r}"))
         return self
 
     def typed_params(self) -> Any:
         """The params as the scorer's own `Params` model (defaults filled in)."""
-        from raysel.scorers import SCORERS
-
         return _params_model(SCORERS[self.name]).model_validate(self.params)
 
     def stage_key(self) -> tuple:
@@ -232,25 +226,25 @@ class SelectConfig(_Frozen):
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, policy: str) -> str:
-        from raysel.select import POLICIES
-
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; choose from {sorted(POLICIES)}")
+        _known_name(POLICIES, policy)
         return policy
 
     @model_validator(mode="after")
     def _params(self) -> SelectConfig:
-        from raysel.select import POLICIES
-
         object.__setattr__(
             self, "params", _validate_params(POLICIES[self.policy], self.params, f"policy {self.policy!r}")
         )
         return self
 
     def typed_params(self) -> Any:
-        from raysel.select import POLICIES
-
         return _params_model(POLICIES[self.policy]).model_validate(self.params)
+
+
+def _known_name(registry: Registry, name: str) -> None:
+    try:
+        registry[name]
+    except UnknownName as err:
+        raise ValueError(str(err)) from None  # pydantic reports a ValueError with the field's path
 
 
 class NoParams(_Frozen):
@@ -300,8 +294,6 @@ class RunConfig(_Frozen):
         names = [s.name for s in self.scorers]
         if len(set(names)) != len(names):
             raise ValueError(f"scorers: each scorer may appear once, got {names}")
-        from raysel.scorers import SCORERS
-
         for i, s in enumerate(self.scorers):
             needs_labels = getattr(SCORERS[s.name], "needs_labels", None)
             if needs_labels is not None and needs_labels(s) and self.input.label_field is None:
@@ -314,8 +306,6 @@ class RunConfig(_Frozen):
                     f"input.score_fields[{i}]: {field!r} is also a scorer in `scorers`; both would be the column "
                     f"{field!r}: drop the scorer or leave the field out"
                 )
-        from raysel.select import POLICIES
-
         if POLICIES[self.select.policy].needs_score:
             columns = self.score_columns
             if self.select.score is None:

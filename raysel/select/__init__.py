@@ -1,14 +1,14 @@
-"""Selection policies: the base (raysel/select/base.py) and one module per policy."""
+"""Selection policies: the base (raysel/select/base.py) and one module per policy, registered by name in
+raysel/registry.py (`POLICIES`), which imports the built-in ones on the first lookup."""
 
+from raysel.registry import POLICIES, register_policy
 from raysel.select.base import (
-    POLICIES,
     Candidates,
     Policy,
     Selection,
     budget_rows,
     largest_remainder,
     rank,
-    register_policy,
     take_within_clusters,
 )
 
@@ -23,6 +23,3 @@ __all__ = [
     "register_policy",
     "take_within_clusters",
 ]
-
-# The policies register themselves on import (they import from this package).
-from raysel.select import bandit, hard_easy, mig, simple  # noqa: E402,F401

@@ -1,41 +1,29 @@
-"""Selection policies: which usable rows to keep, inside a budget.
+"""The base of the selection policies: which usable rows to keep, inside a budget.
 
-A policy is a class registered under a name, built from the run's `SelectConfig`, with
+A policy is a class registered under a name (raysel/registry.py), built from the run's `SelectConfig`, with
 
     select(candidates: Candidates, budget: int) -> Selection
 
 `Candidates` are the usable rows (quarantined rows never reach a policy), sorted by id so that a
 seed gives the same answer however the rows arrived. `Selection` says, per candidate, whether it
-is kept and, if not, why; the ledger writes that reason. New policies (bandit-allocated budgets,
-MIG, hard/easy mixes) register here and need no change to the pipeline: many of them decide a
-budget per cluster and then call `take_within_clusters`.
+is kept and, if not, why; the ledger writes that reason. A new policy is one module in raysel/select/
+(`@register_policy("name")` on a `Policy` subclass), one line in raysel/registry.py's built-ins and one
+test file; the pipeline needs no change. Many policies decide a budget per cluster and then call
+`take_within_clusters`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from raysel.config import SelectConfig
 from raysel.select.plan import CutService, Plan, SelectionStats, Step
 
 if TYPE_CHECKING:
+    from raysel.config import SelectConfig
     from raysel.context import RunContext
-
-POLICIES: dict[str, type[Policy]] = {}
-
-
-def register_policy(name: str) -> Callable[[type[Policy]], type[Policy]]:
-    def wrap(cls: type[Policy]) -> type[Policy]:
-        if name in POLICIES:
-            raise ValueError(f"policy {name!r} is registered twice")
-        POLICIES[name] = cls
-        return cls
-
-    return wrap
 
 
 @dataclass

@@ -6,13 +6,13 @@ from dataclasses import replace
 
 import numpy as np
 
+from raysel.registry import register_policy
 from raysel.select.base import (
     Candidates,
     Policy,
     Selection,
     largest_remainder,
     rank,
-    register_policy,
     take_within_clusters,
 )
 from raysel.select.plan import CutService, Eligible, Plan, SelectionStats
