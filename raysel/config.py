@@ -40,16 +40,70 @@ class Resources(_Frozen):
         return self
 
 
+class ActorRange(_Frozen):
+    """An elastic actor pool, `actors: {min: 1, max: 64}`: it starts once `min` actors run and grows towards `max`
+    while work queues up and the cluster has room (a node an autoscaler adds): Ray Data's
+    `ActorPoolStrategy(min_size=, max_size=)`."""
+
+    min: int
+    max: int
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ActorRange:
+        _check_range(self.min, self.max)
+        return self
+
+
+def _check_range(low: int, high: int) -> None:
+    if low < 1:
+        raise ValueError(f"min must be >= 1 (a pool starts with at least one actor), got {low}")
+    if low > high:
+        raise ValueError(f"min ({low}) must be <= max ({high})")
+
+
+_ACTORS_FORMS = "a pool size N >= 1 (`actors: 4`) or an elastic pool {min: M, max: N} with 1 <= M <= N"
+
+
+def _actors(value: Any) -> int | ActorRange:
+    """`actors: N` (a fixed pool, kept an int) or `actors: {min: M, max: N}`; one error line for anything else."""
+    if isinstance(value, ActorRange):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"a pool needs at least one actor, got {value}; write {_ACTORS_FORMS}")
+        return value
+    if isinstance(value, dict):
+        if set(value) != {"min", "max"} or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value.values()
+        ):
+            raise ValueError(f"an elastic pool is {{min: M, max: N}} with two integers, got {value!r}")
+        _check_range(value["min"], value["max"])
+        return ActorRange(min=value["min"], max=value["max"])
+    raise ValueError(f"must be {_ACTORS_FORMS}, got {value!r}")
+
+
+Actors = Annotated[int | ActorRange, BeforeValidator(_actors)]
+
+
 class StageConfig(_Frozen):
     """How a model stage runs: batch size, actor pool size, what each actor reserves, torch threads."""
 
     batch_size: int = Field(64, gt=0, description="rows per model forward pass")
-    actors: int = Field(1, ge=1, description="size of the actor pool")
+    actors: Actors = Field(
+        1, description="the actor pool: N actors, or {min: M, max: N} to grow from M to N as the cluster allows"
+    )
     resources: Resources = Resources()
     threads: int | None = Field(
         None, ge=1, description="torch threads per actor; default: the CPUs the actor reserves (Ray's rule)"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @property
+    def pool_size(self) -> tuple[int, int]:
+        """(min, max) actors of the pool; equal for a fixed pool."""
+        if isinstance(self.actors, ActorRange):
+            return self.actors.min, self.actors.max
+        return self.actors, self.actors
 
     @model_validator(mode="after")
     def _cuda_needs_gpus(self) -> StageConfig:
