@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raysel.errors import ConfigError
+from raysel.registry import POLICIES, SCORERS, Registry, UnknownName
 
 
 class _Frozen(BaseModel):
@@ -39,16 +40,70 @@ class Resources(_Frozen):
         return self
 
 
+class ActorRange(_Frozen):
+    """An elastic actor pool, `actors: {min: 1, max: 64}`: it starts once `min` actors run and grows towards `max`
+    while work queues up and the cluster has room (a node an autoscaler adds): Ray Data's
+    `ActorPoolStrategy(min_size=, max_size=)`."""
+
+    min: int
+    max: int
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ActorRange:
+        _check_range(self.min, self.max)
+        return self
+
+
+def _check_range(low: int, high: int) -> None:
+    if low < 1:
+        raise ValueError(f"min must be >= 1 (a pool starts with at least one actor), got {low}")
+    if low > high:
+        raise ValueError(f"min ({low}) must be <= max ({high})")
+
+
+_ACTORS_FORMS = "a pool size N >= 1 (`actors: 4`) or an elastic pool {min: M, max: N} with 1 <= M <= N"
+
+
+def _actors(value: Any) -> int | ActorRange:
+    """`actors: N` (a fixed pool, kept an int) or `actors: {min: M, max: N}`; one error line for anything else."""
+    if isinstance(value, ActorRange):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"a pool needs at least one actor, got {value}; write {_ACTORS_FORMS}")
+        return value
+    if isinstance(value, dict):
+        if set(value) != {"min", "max"} or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value.values()
+        ):
+            raise ValueError(f"an elastic pool is {{min: M, max: N}} with two integers, got {value!r}")
+        _check_range(value["min"], value["max"])
+        return ActorRange(min=value["min"], max=value["max"])
+    raise ValueError(f"must be {_ACTORS_FORMS}, got {value!r}")
+
+
+Actors = Annotated[int | ActorRange, BeforeValidator(_actors)]
+
+
 class StageConfig(_Frozen):
     """How a model stage runs: batch size, actor pool size, what each actor reserves, torch threads."""
 
     batch_size: int = Field(64, gt=0, description="rows per model forward pass")
-    actors: int = Field(1, ge=1, description="size of the actor pool")
+    actors: Actors = Field(
+        1, description="the actor pool: N actors, or {min: M, max: N} to grow from M to N as the cluster allows"
+    )
     resources: Resources = Resources()
     threads: int | None = Field(
         None, ge=1, description="torch threads per actor; default: the CPUs the actor reserves (Ray's rule)"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @property
+    def pool_size(self) -> tuple[int, int]:
+        """(min, max) actors of the pool; equal for a fixed pool."""
+        if isinstance(self.actors, ActorRange):
+            return self.actors.min, self.actors.max
+        return self.actors, self.actors
 
     @model_validator(mode="after")
     def _cuda_needs_gpus(self) -> StageConfig:
@@ -152,23 +207,16 @@ class ScorerConfig(StageConfig):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from raysel.scorers import SCORERS
-
-        if name not in SCORERS:
-            raise ValueError(f"unknown scorer {name!r}; choose from {sorted(SCORERS)}")
+        _known_name(SCORERS, name)
         return name
 
     @model_validator(mode="after")
     def _params(self) -> ScorerConfig:
-        from raysel.scorers import SCORERS
-
         object.__setattr__(self, "params", _validate_params(SCORERS[self.name], self.params, f"scorer {self.name!r}"))
         return self
 
     def typed_params(self) -> Any:
         """The params as the scorer's own `Params` model (defaults filled in)."""
-        from raysel.scorers import SCORERS
-
         return _params_model(SCORERS[self.name]).model_validate(self.params)
 
     def stage_key(self) -> tuple:
@@ -232,25 +280,25 @@ class SelectConfig(_Frozen):
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, policy: str) -> str:
-        from raysel.select import POLICIES
-
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; choose from {sorted(POLICIES)}")
+        _known_name(POLICIES, policy)
         return policy
 
     @model_validator(mode="after")
     def _params(self) -> SelectConfig:
-        from raysel.select import POLICIES
-
         object.__setattr__(
             self, "params", _validate_params(POLICIES[self.policy], self.params, f"policy {self.policy!r}")
         )
         return self
 
     def typed_params(self) -> Any:
-        from raysel.select import POLICIES
-
         return _params_model(POLICIES[self.policy]).model_validate(self.params)
+
+
+def _known_name(registry: Registry, name: str) -> None:
+    try:
+        registry[name]
+    except UnknownName as err:
+        raise ValueError(str(err)) from None  # pydantic reports a ValueError with the field's path
 
 
 class NoParams(_Frozen):
@@ -300,8 +348,6 @@ class RunConfig(_Frozen):
         names = [s.name for s in self.scorers]
         if len(set(names)) != len(names):
             raise ValueError(f"scorers: each scorer may appear once, got {names}")
-        from raysel.scorers import SCORERS
-
         for i, s in enumerate(self.scorers):
             needs_labels = getattr(SCORERS[s.name], "needs_labels", None)
             if needs_labels is not None and needs_labels(s) and self.input.label_field is None:
@@ -314,8 +360,6 @@ class RunConfig(_Frozen):
                     f"input.score_fields[{i}]: {field!r} is also a scorer in `scorers`; both would be the column "
                     f"{field!r}: drop the scorer or leave the field out"
                 )
-        from raysel.select import POLICIES
-
         if POLICIES[self.select.policy].needs_score:
             columns = self.score_columns
             if self.select.score is None:

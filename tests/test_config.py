@@ -57,6 +57,51 @@ def test_errors_name_the_field(patch, message):
     assert message in str(err.value)
 
 
+def test_actors_is_a_fixed_pool_size_or_an_elastic_range(tmp_path):
+    cfg = parse_config(
+        {
+            **MINIMAL,
+            "embed": {"actors": 3},
+            "scorers": [{"name": "entropy", "actors": {"min": 1, "max": 64}}, "loss"],
+        }
+    )
+    assert cfg.embed.actors == 3 and cfg.embed.pool_size == (3, 3)  # the fixed form stays an int
+    assert cfg.scorers[0].pool_size == (1, 64) and cfg.scorers[1].pool_size == (1, 1)
+    assert parse_config(cfg.model_dump()).scorers[0].pool_size == (1, 64)  # the manifest's dump reads back
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "input: {path: c.jsonl}\noutput: {path: out}\nscorers: [{name: entropy, actors: 2}]\nselect: {budget: 0.25}\n"
+    )
+    assert load_config(path, ["scorers.0.actors={min: 2, max: 8}"]).scorers[0].pool_size == (2, 8)
+
+
+@pytest.mark.parametrize(
+    ("actors", "message"),
+    [
+        (0, "embed.actors: a pool needs at least one actor, got 0"),
+        (True, "embed.actors: must be a pool size N >= 1 (`actors: 4`) or an elastic pool {min: M, max: N}"),
+        ("4", "embed.actors: must be a pool size N >= 1"),
+        ({"min": 0, "max": 4}, "embed.actors: min must be >= 1 (a pool starts with at least one actor), got 0"),
+        ({"min": 8, "max": 4}, "embed.actors: min (8) must be <= max (4)"),
+        ({"max": 4}, "embed.actors: an elastic pool is {min: M, max: N} with two integers, got {'max': 4}"),
+        ({"min": 1, "max": 4, "initial": 2}, "an elastic pool is {min: M, max: N} with two integers"),
+        ({"min": 1, "max": 2.5}, "an elastic pool is {min: M, max: N} with two integers"),
+    ],
+)
+def test_a_bad_actors_value_gets_one_line_naming_both_forms(actors, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config({**MINIMAL, "embed": {"actors": actors}})
+    assert message in str(err.value)
+    assert str(err.value).count("\n") == 1  # "invalid config:" and one line, not one per union member
+
+
+def test_an_elastic_range_built_in_python_is_checked_too():
+    from raysel.config import ActorRange
+
+    with pytest.raises(ValidationError, match=r"min \(3\) must be <= max \(2\)"):
+        ActorRange(min=3, max=2)
+
+
 def test_random_policy_needs_no_score():
     cfg = parse_config({**MINIMAL, "scorers": [], "select": {"budget": 0.5, "policy": "random", "score": None}})
     assert cfg.scorers == []

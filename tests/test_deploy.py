@@ -307,10 +307,11 @@ def test_rayjob_config_passes_raysel_validate(tmp_path):
         assert path and path.startswith("s3://"), path
 
 
-def job_demands(cfg) -> list[tuple[float, float]]:
-    """One (cpus, gpus) per actor the pipeline starts: the embedder pool and one pool per shared scorer stage."""
+def job_demands(cfg, size: int) -> list[tuple[float, float]]:
+    """One (cpus, gpus) per actor of the embedder pool and of each shared scorer stage's pool, with every pool at
+    its minimum (size=0) or maximum (size=1) number of actors."""
     stages = [cfg.embed] + [c for _, c, _ in scorer_stages(cfg.scorers, "text") + scorer_stages(cfg.scorers, "scored")]
-    return [(s.resources.cpus, s.resources.gpus) for s in stages for _ in range(s.actors)]
+    return [(s.resources.cpus, s.resources.gpus) for s in stages for _ in range(s.pool_size[size])]
 
 
 def test_rayjob_stages_fit_the_worker_groups():
@@ -318,12 +319,17 @@ def test_rayjob_stages_fit_the_worker_groups():
     cluster = spec["rayClusterSpec"]
     check_cluster_shape(cluster)
     cfg = parse_config(yaml.safe_load(config_map["data"]["run.yaml"]))
-    demands = job_demands(cfg)
-    assert any(g > 0 for _, g in demands), "the example run uses the GPU group"
-    # The actor pools plus room for the read/assign/write tasks (the pipeline keeps IO_HEADROOM CPUs free).
-    assert fits(demands + [(IO_HEADROOM, 0.0)], cluster["workerGroupSpecs"])
+    smallest, largest = job_demands(cfg, 0), job_demands(cfg, 1)
+    assert any(g > 0 for _, g in smallest), "the example run uses the GPU group"
+    assert len(largest) > len(smallest), "the example's pools are elastic: they grow with the GPU group"
+    # The pools at their maximum plus room for the read/assign/write tasks (the pipeline keeps IO_HEADROOM CPUs
+    # free) fit the groups at full scale: every pool can reach its max.
+    assert fits(largest + [(IO_HEADROOM, 0.0)], cluster["workerGroupSpecs"])
     # ...and the check is not vacuous: twice the pools do not fit.
-    assert not fits(demands * 2, cluster["workerGroupSpecs"])
+    assert not fits(largest * 2, cluster["workerGroupSpecs"])
+    # The pools start on the pods the job starts with (`replicas`), before any scale-up.
+    start = [{**g, "maxReplicas": g.get("replicas", g["minReplicas"])} for g in cluster["workerGroupSpecs"]]
+    assert fits(smallest + [(IO_HEADROOM, 0.0)], start)
 
 
 def test_rayjob_installs_nothing_at_run_time_and_reads_s3_credentials_from_a_secret():

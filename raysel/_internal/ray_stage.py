@@ -291,8 +291,12 @@ def _running(proc: Any) -> bool:
 
 
 def fit_cpus(stages: list[StageConfig], total_cpus: float) -> list[float]:
-    """Per-actor CPU reservations, scaled down together when the pools would leave no room for I/O tasks."""
-    wanted = sum(s.actors * s.resources.cpus for s in stages)
+    """Per-actor CPU reservations, scaled down together when the pools would leave no room for I/O tasks.
+
+    The pools are counted at their minimum size, the actors that must start before the stream flows. An elastic
+    pool's further actors start only inside the CPUs Ray Data's resource manager gives the pool, which keeps a
+    reservation for every other operator (the reads among them), so growing never starves the I/O tasks."""
+    wanted = sum(s.pool_size[0] * s.resources.cpus for s in stages)
     room = max(total_cpus - IO_HEADROOM, 0.1 * len(stages))
     scale = min(1.0, room / wanted) if wanted else 1.0
     return [round(s.resources.cpus * scale, 3) for s in stages]
@@ -304,13 +308,15 @@ def call_rows(stage: StageConfig) -> int:
 
 
 def map_stage(ds: Any, cls: type, stage: StageConfig, cpus: float, **constructor_kwargs: Any) -> Any:
-    """`ds.map_batches(cls)` on a fixed-size actor pool, reserving what the stage config says."""
+    """`ds.map_batches(cls)` on an actor pool of the stage's size, fixed (`actors: N`) or elastic (`actors: {min: M,
+    max: N}`: Ray Data adds actors while calls queue up and the cluster has room), reserving what the config says."""
     from ray.data import ActorPoolStrategy
 
+    low, high = stage.pool_size
     return ds.map_batches(
         cls,
         fn_constructor_kwargs=constructor_kwargs,
-        compute=ActorPoolStrategy(size=stage.actors),
+        compute=ActorPoolStrategy(min_size=low, max_size=high),
         batch_size=call_rows(stage),
         batch_format="numpy",
         num_cpus=cpus,

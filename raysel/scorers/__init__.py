@@ -12,30 +12,13 @@ Class attributes a scorer may set:
     Params              a frozen pydantic model of its settings (`scorers[i].params` in the config).
     prepare(config, context) -> dict     a classmethod run once on the driver before the scorer's
                         pass (e.g. train a proxy model on `context.sample(...)`, write it under
-                        `context.artifact_dir`); its result reaches every actor as `prepared`.
+                        `context.work_dir`); its result reaches every actor as `prepared`.
+
+A new scorer is one module here (`@register_scorer("name")` on its class), its path in the built-ins of
+`SCORERS` in raysel/registry.py (imported on the first lookup; this package imports no scorer), and one test
+file in tests/scorers/ (docs/architecture.md, "Adding a scorer or a policy").
 """
 
-from __future__ import annotations
-
-from collections.abc import Callable
-
-SCORERS: dict[str, type] = {}
-
-
-def register_scorer(*names: str) -> Callable[[type], type]:
-    """Register a scorer class under the score names it can produce."""
-
-    def wrap(cls: type) -> type:
-        for name in names:
-            if name in SCORERS:
-                raise ValueError(f"scorer {name!r} is registered twice ({SCORERS[name].__name__}, {cls.__name__})")
-            SCORERS[name] = cls
-        return cls
-
-    return wrap
-
-
-# lm registers entropy, loss, el2n_lm; lm_influence the LM-gradient influence; the others are proxy-based.
-from raysel.scorers import classifier_entropy, el2n, influence, lm, lm_influence, vog  # noqa: E402,F401
+from raysel.registry import SCORERS, register_scorer
 
 __all__ = ["SCORERS", "register_scorer"]

@@ -36,7 +36,7 @@ from raysel.proxy import (
     require_labels,
     usable_rows,
 )
-from raysel.scorers import register_scorer
+from raysel.registry import register_scorer
 
 
 def softmax_entropy(logit_rows) -> np.ndarray:

@@ -23,7 +23,7 @@ from raysel.proxy import (
     require_labels,
     usable_rows,
 )
-from raysel.scorers import register_scorer
+from raysel.registry import register_scorer
 from raysel.scorers._grad import el2n
 
 

@@ -40,7 +40,7 @@ from raysel.proxy import (
     require_labels,
     usable_rows,
 )
-from raysel.scorers import register_scorer
+from raysel.registry import register_scorer
 from raysel.scorers._grad import RandomProjector, flatten_grads, per_example_grads
 from raysel.scorers.vog import checkpoint_indices
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from raysel.config import ScorerConfig
 from raysel.models import load_causal_lm, pick_device, set_threads
-from raysel.scorers import register_scorer
+from raysel.registry import register_scorer
 
 
 def pad_batch(seqs: list[list[int]], pad: int):

@@ -38,7 +38,7 @@ from raysel.config import ScorerConfig, cache_dir
 from raysel.errors import ConfigError
 from raysel.io import fs as rfs
 from raysel.models import load_causal_lm, model_fingerprint, pick_device, set_threads
-from raysel.scorers import register_scorer
+from raysel.registry import register_scorer
 from raysel.scorers._logra import KroneckerProjector, Whitening
 from raysel.scorers.lm import pad_batch
 

@@ -40,7 +40,7 @@ from raysel.proxy import (
     require_labels,
     usable_rows,
 )
-from raysel.scorers import register_scorer
+from raysel.registry import register_scorer
 from raysel.scorers._grad import class_stats, class_zscore, input_grads, vog_raw
 
 # Rows per input-gradient pass: K × rows × D floats stay small whatever the sample size.
