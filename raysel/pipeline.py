@@ -189,20 +189,30 @@ def streams(config: RunConfig) -> bool:
     return POLICIES[config.select.policy].plan is not Policy.plan
 
 
-# The in-memory selection (mig, bandit) holds about 0.5 KB a row on the driver: 10M rows is ~5 GB.
+# The in-memory selection (mig, bandit) holds about 0.5 KB a row on the driver: 10M rows is ~5 GB. A policy may state
+# a lower, measured limit of its own (`row_limit`: raysel/select/mig.py).
 MAX_DRIVER_ROWS = int(os.environ.get("RAYSEL_MAX_DRIVER_ROWS", 10_000_000))
 
 
 def _check_driver_rows(config: RunConfig, rows: int) -> None:
     """Refuse, before the driver runs out of memory, an in-memory selection of more rows than it is sized for."""
-    if rows <= MAX_DRIVER_ROWS:
+    cls = POLICIES[config.select.policy]
+    own = getattr(cls, "row_limit", None)
+    limit, env, size = MAX_DRIVER_ROWS, "RAYSEL_MAX_DRIVER_ROWS", "about 0.5 KB a row"
+    if own is not None and own.rows < limit:
+        limit, env, size = own.rows, own.env, f"about {own.bytes_per_row / 1000:.1f} KB a row"
+    if rows <= limit:
         return
-    what = f"policy {config.select.policy!r}"
-    planned = sorted(name for name, cls in POLICIES.items() if cls.plan is not Policy.plan)
+    planned = sorted(name for name, c in POLICIES.items() if c.plan is not Policy.plan)
+    instead = [own.alternatives] if own is not None else []
+    instead += [
+        f"use a policy planned on statistics ({', '.join(planned)}), which never holds the rows on the driver",
+        f"set {env} higher on a driver with the memory",
+    ]
+    advice = "; or ".join(instead)
     raise ConfigError(
-        f"{what} selects in memory on the driver (about 0.5 KB a row) and takes at most {MAX_DRIVER_ROWS:,} rows; "
-        f"this corpus has {rows:,}. Use a policy planned on statistics ({', '.join(planned)}), which never holds "
-        "the rows on the driver, or set RAYSEL_MAX_DRIVER_ROWS higher on a driver with the memory"
+        f"policy {config.select.policy!r} selects in memory on the driver ({size}) and takes at most {limit:,} rows; "
+        f"this corpus has {rows:,}. {advice[0].upper()}{advice[1:]}"
     )
 
 

@@ -108,7 +108,9 @@ def drop_pass(
     uri, candidates, info = assigned_uri, None, {}
     before: Counter[int] | None = None
     for step in steps:
-        key = {"after": uri.rstrip("/").rsplit("/", 1)[-1], **step.settings()}
+        # the shards before it and the scores it may read (the rescored shards' folder names their settings)
+        key = {"after": uri.rstrip("/").rsplit("/", 1)[-1], "scores": scores_uri.rstrip("/").split("/")[-2:]}
+        key.update(step.settings())
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         out = f"{uri.rstrip('/')}-{step.name}-{digest}"
         done = rfs.join(out, "_SUCCESS")

@@ -76,11 +76,7 @@ class DropNoisy:
             side = "at or above" if cfg.order == "desc" else "at or below"
             rule = f"{side} the threshold {cfg.threshold:g}"
         else:
-            rule = (
-                f"among the noisiest {cfg.fraction:.0%}"
-                if cfg.fraction >= 0.01
-                else f"among the noisiest {cfg.fraction:g}"
-            )
+            rule = f"among the noisiest {round(cfg.fraction * 100, 6):g}%"  # 0.1 → 10%, 0.125 → 12.5%
         return np.array([f"likely mislabelled: {cfg.score} {v:.3g}, {rule}" for v in values], dtype=object)
 
     def run(self, source: DropInput, out_uri: str) -> dict[str, Any]:

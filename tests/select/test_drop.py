@@ -152,3 +152,71 @@ def test_an_in_memory_policy_reads_the_same_drop_shards(corpus, ray_cluster, ded
     assert result.counts["selected"] == int(np.floor(0.5 * usable + 0.5))
     assert result.manifest["selection"]["semdedup"]["dropped"] == len(near(ledger))
     assert result.manifest["selection"]["usable_rows"] == usable - len(near(ledger))
+
+
+def test_mig_refuses_more_rows_than_its_measured_limit_and_names_the_alternatives(corpus, dedup_then_noisy):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    config = corpus / "mig-limit.json"
+    config.write_text(json.dumps(_config(corpus, "out-mig-limit", {"policy": "mig"})))
+    env = {**os.environ, "RAYSEL_MAX_MIG_ROWS": "20"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysel.cli", "run", str(config)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "policy 'mig' selects in memory on the driver (about 1.1 KB a row) and takes at most 20 rows" in err
+    assert (
+        "MIG inside each cluster is `stratified` by the same score" in err and "set RAYSEL_MAX_MIG_ROWS higher" in err
+    )
+    assert "Traceback" not in err and not (corpus / "out-mig-limit" / "_SUCCESS").exists()
+
+
+@pytest.mark.parametrize("order", ["desc", "asc"])
+@pytest.mark.parametrize("rule", [{"fraction": 0.1}, {"fraction": 0.37}, {"threshold": 0.8}])
+def test_drop_noisy_cut_against_a_sort_in_memory(order, rule):
+    """The step's cut over blocks (no Ray) drops exactly the rows a sort would: the noisiest by order, NaN never,
+    ties in the score broken by the seeded id hash (as every cut)."""
+    from raysel.select.cuts import id_hash
+    from raysel.select.noisy import DropNoisy
+    from raysel.select.plan import ArrayBlocks, CutService
+
+    rng = np.random.default_rng(3)
+    n = 1000
+    values = np.round(rng.random(n), 2)  # many ties
+    values[rng.choice(n, 50, replace=False)] = np.nan
+    batch = {
+        "id": np.array([f"r{i}" for i in range(n)], dtype=object),
+        "cluster": rng.integers(0, 4, n),
+        "el2n": values,
+    }
+    config = parse_config(
+        {
+            "input": {"path": "/tmp/corpus.jsonl", "score_fields": ["el2n"]},
+            "output": {"path": "/tmp/out"},
+            "select": {
+                "budget": 0.5,
+                "policy": "random",
+                "seed": 7,
+                "drop_noisy": {"score": "el2n", "order": order, **rule},
+            },
+        }
+    )
+    drop = DropNoisy(config)
+    step = drop.plan(CutService(ArrayBlocks(batch, blocks=5)), n)
+    got = np.concatenate([drop.drops(b, step) for b in ArrayBlocks(batch, blocks=3).blocks])
+    scored = np.flatnonzero(~np.isnan(values))
+    noisier = -values[scored] if order == "desc" else values[scored]
+    ranked = scored[np.lexsort((id_hash(batch["id"][scored], 7), noisier))]
+    if "fraction" in rule:
+        want = ranked[: int(np.floor(rule["fraction"] * n + 0.5))]
+    else:
+        want = scored[values[scored] >= 0.8] if order == "desc" else scored[values[scored] <= 0.8]
+    assert set(np.flatnonzero(got)) == set(want.tolist()) and len(want) > 0
+    assert not got[np.isnan(values)].any()
+    reason = drop.reason(values[want[:1]])[0]
+    assert reason.startswith(f"likely mislabelled: el2n {values[want[0]]:.3g}, ")
+    assert reason.endswith("among the noisiest 10%" if rule == {"fraction": 0.1} else "")
