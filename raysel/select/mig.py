@@ -52,10 +52,10 @@ class RowLimit:
     alternatives: str
 
 
-# The in-memory mig peaks at about 1.1 KB a row on the driver over Ray's own memory (benchmarks/mig_memory.py:
-# the rows collected, the candidates, the shard index, the greedy's arrays), plus up to 256 MB of embeddings for the
-# label geometry: 4M rows is ~4.5 GB, which fits the smallest driver Ray's docs size for a head node (8 GB).
-MIG_BYTES_PER_ROW = 1100
+# The in-memory mig adds about 0.7-1.0 KB a row to the driver's peak (benchmarks/mig_memory.py, RESULTS.md §14: 717 B a
+# row from 200k to 600k rows, 1,030 from 50k to 150k: the rows collected, the candidates, the shard index, the greedy's
+# arrays), plus up to 256 MB of embeddings for the label geometry: 4M rows is ~4.3 GB, within a head node of 8 GB.
+MIG_BYTES_PER_ROW = 1000
 MAX_MIG_ROWS = int(os.environ.get("RAYSEL_MAX_MIG_ROWS", 4_000_000))
 
 

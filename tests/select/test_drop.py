@@ -4,6 +4,7 @@ the corpus; every input row in the ledger once; a planned policy after them neve
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -168,7 +169,7 @@ def test_mig_refuses_more_rows_than_its_measured_limit_and_names_the_alternative
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr
-    assert "policy 'mig' selects in memory on the driver (about 1.1 KB a row) and takes at most 20 rows" in err
+    assert "policy 'mig' selects in memory on the driver (about 1.0 KB a row) and takes at most 20 rows" in err
     assert (
         "MIG inside each cluster is `stratified` by the same score" in err and "set RAYSEL_MAX_MIG_ROWS higher" in err
     )
@@ -220,3 +221,25 @@ def test_drop_noisy_cut_against_a_sort_in_memory(order, rule):
     reason = drop.reason(values[want[:1]])[0]
     assert reason.startswith(f"likely mislabelled: el2n {values[want[0]]:.3g}, ")
     assert reason.endswith("among the noisiest 10%" if rule == {"fraction": 0.1} else "")
+
+
+@pytest.mark.parametrize(
+    ("drop_noisy", "message"),
+    [
+        ({"score": "loss", "fraction": 0.1, "threshold": 2.0}, "select.drop_noisy: set exactly one of `fraction`"),
+        ({"score": "loss"}, "select.drop_noisy: set exactly one of `fraction`"),
+        ({"score": "aum", "fraction": 0.1}, "select.drop_noisy.score: 'aum' is not computed; add it to `scorers`"),
+        ({"score": "loss", "fraction": 1.0}, "select.drop_noisy.fraction: Input should be less than 1"),
+    ],
+)
+def test_drop_noisy_config_errors_name_the_field(drop_noisy, message):
+    from raysel.errors import ConfigError
+
+    config = {
+        "input": {"path": "/tmp/corpus.jsonl"},
+        "output": {"path": "/tmp/out"},
+        "scorers": [{"name": "loss"}],
+        "select": {"budget": 0.5, "policy": "random", "drop_noisy": drop_noisy},
+    }
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(config)
