@@ -248,6 +248,24 @@ class SemDedupConfig(_Frozen):
     threshold: float = Field(0.95, gt=-1, le=1, description="cosine above which a row is a near-duplicate")
 
 
+class DropNoisyConfig(_Frozen):
+    """`select.drop_noisy`: before the policy, drop the rows most likely mislabelled: the `fraction` of the candidate
+    rows with the noisiest `score` (an exact global cut), or every row at or beyond `threshold`
+    (raysel/select/noisy.py). `order: desc` (the default) takes the highest scores as the noisiest (el2n, loss);
+    `asc` the lowest (aum: a negative margin marks a label the model keeps contradicting). Unscored rows stay."""
+
+    score: str = Field(description="the noise score column (a scorer's, or an input score field)")
+    fraction: float | None = Field(None, gt=0, lt=1, description="drop this fraction of the candidate rows")
+    threshold: float | None = Field(None, description="drop every row whose score is at or beyond this")
+    order: Literal["asc", "desc"] = Field("desc", description="desc: the highest scores are the noisiest")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> DropNoisyConfig:
+        if (self.fraction is None) == (self.threshold is None):
+            raise ValueError("set exactly one of `fraction` (e.g. 0.1) or `threshold`")
+        return self
+
+
 class SelectConfig(_Frozen):
     budget: float | int = Field(
         description="a fraction of the usable rows in (0, 1], or a row count >= 1 (write 1.0 for all rows)"
@@ -259,6 +277,7 @@ class SelectConfig(_Frozen):
     seed: int = 0
     params: dict[str, Any] = Field(default_factory=dict, description="policy-specific settings (its `Params`)")
     semdedup: SemDedupConfig | None = Field(None, description="drop near-duplicates inside clusters first")
+    drop_noisy: DropNoisyConfig | None = Field(None, description="drop the rows most likely mislabelled first")
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -371,6 +390,12 @@ class RunConfig(_Frozen):
                     f"select.score: {self.select.score!r} is not computed; add it to `scorers` or "
                     f"`input.score_fields`, or choose from {columns}"
                 )
+        noisy = self.select.drop_noisy
+        if noisy is not None and noisy.score not in self.score_columns:
+            raise ValueError(
+                f"select.drop_noisy.score: {noisy.score!r} is not computed; add it to `scorers` or "
+                f"`input.score_fields`, or choose from {self.score_columns}"
+            )
         if self.select.policy == "threshold" and self.select.threshold is None:
             raise ValueError("select.threshold: the `threshold` policy needs a threshold value")
         for what, path in (("output.path", self.output.path), ("work_dir", self.work_dir)):

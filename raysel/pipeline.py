@@ -7,10 +7,12 @@ pass 1  score     Ray Data streams the corpus files through the reader, the embe
 pass 2  cluster   FAISS spherical k-means on a seeded sample of the embeddings (centroids kept in
                   the work dir), then every row assigned to its nearest centroid in a map (the
                   assigned shards, without embeddings, kept in the work dir too).
-pass 3  select    a planned policy (random, topk, threshold, stratified, hard_easy) plans on
-                  per-cluster statistics and finds its exact cuts in a few passes over the rows: the
-                  driver holds O(clusters × 256) counts, never a row per row. The others (mig,
-                  bandit, semdedup) collect ids, clusters and scores on the driver, up to a limit.
+pass 3  select    repeated ids; the drop steps (semdedup, drop_noisy: raysel/select/drop.py) in Ray
+                  tasks, writing shards where a dropped row carries its reason; then a planned policy
+                  (random, topk, threshold, stratified, hard_easy) plans on per-cluster statistics and
+                  finds its exact cuts in a few passes over the rows: the driver holds
+                  O(clusters × 256) counts, never a row per row. The others (mig, bandit) collect ids,
+                  clusters and scores on the driver, up to a limit.
 pass 4  write     OUT/ledger (one row per input row; written by the workers for a planned policy),
                   OUT/selected (the chosen rows joined back to their original records, per input
                   file, in tasks), OUT/manifest.json, and OUT/_SUCCESS last.
@@ -45,6 +47,7 @@ from raysel.io.sink import OutputSink, is_committed
 from raysel.models import model_fingerprint
 from raysel.scorers import SCORERS
 from raysel.select import POLICIES, Candidates, Policy, budget_rows
+from raysel.select.drop import DROPPED, Dropped, drop_pass
 from raysel.select.plan import CutService, Plan
 from raysel.select.stream import (
     IN_MEMORY_ROWS,
@@ -145,16 +148,19 @@ def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, tim
     policy = POLICIES[config.select.policy](config.select)
     plan = None
     with _timed(timings, "select"):
+        repeats = repeated_ids(assigned)
+        drops = drop_pass(config, assigned_uri=assigned, repeats=repeats, scores_uri=scores_uri, centroids=centroids)
         if streams(config):
-            plan, repeats, info = plan_pass(config, policy, assigned)
+            plan, info = plan_pass(config, policy, drops, repeats)
         else:  # a policy that is greedy over rows or probes them: in memory, on the driver
-            _check_driver_rows(config, rfs.parquet_rows(assigned))
-            table = collect_rows(assigned)
+            _check_driver_rows(config, rfs.parquet_rows(drops.uri))
+            table = collect_rows(drops.uri)
             context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), score_key), files)
             table, info = select_pass(config, table, context)
+            info.update(drops.info)
     with _timed(timings, "write"):
         if plan is not None:
-            apply_pass(assigned, repeats, policy, plan, sink.ledger_uri)
+            apply_pass(drops.uri, repeats, policy, plan, sink.ledger_uri)
         else:
             sink.write_ledger(table)
         summary = summarize_ledger(sink.ledger_uri, config.score_columns, len(centroids))
@@ -164,38 +170,49 @@ def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, tim
     return RunResult(config.output.path, manifest, manifest["counts"])
 
 
-def plan_pass(config: RunConfig, policy: Policy, assigned: str) -> tuple[Plan, Repeats, dict[str, Any]]:
-    """Pass 3 for a planned policy: repeated ids, per-cluster statistics, then the policy's plan, its cuts found
-    in a few passes over the candidate columns (raysel/select/stream.py). Returns (plan, repeats, summary)."""
-    repeats = repeated_ids(assigned)
-    runner = RayBlocks(assigned, repeats, config.score_columns)
+def plan_pass(config: RunConfig, policy: Policy, drops: Dropped, repeats: Repeats) -> tuple[Plan, dict[str, Any]]:
+    """Pass 3 for a planned policy: per-cluster statistics of the rows left after the drop steps, then the
+    policy's plan, its cuts found in a few passes over the candidate columns (raysel/select/stream.py). The budget
+    is a fraction of the candidates before the drop steps, capped at the rows left. Returns (plan, summary)."""
+    runner = RayBlocks(drops.uri, repeats, config.score_columns)
     stats = selection_stats(runner)
-    budget = budget_rows(config.select.budget, stats.usable)
+    before = stats.usable if drops.candidates is None else drops.candidates
+    budget = min(budget_rows(config.select.budget, before), stats.usable)
     cuts = CutService(runner)
     plan = policy.plan(stats, budget, cuts)
     info = {"policy": config.select.policy, "budget_rows": budget, "usable_rows": stats.usable, **plan.info}
-    return plan, repeats, {**info, "passes": cuts.passes}
+    return plan, {**info, "passes": cuts.passes, **drops.info}
 
 
 def streams(config: RunConfig) -> bool:
     """Whether the run's selection is planned on statistics and applied in the stream (no row on the driver)."""
-    return POLICIES[config.select.policy].plan is not Policy.plan and config.select.semdedup is None
+    return POLICIES[config.select.policy].plan is not Policy.plan
 
 
-# The in-memory selection (mig, bandit, semdedup) holds about 0.5 KB a row on the driver: 10M rows is ~5 GB.
+# The in-memory selection (mig, bandit) holds about 0.5 KB a row on the driver: 10M rows is ~5 GB. A policy may state
+# a lower, measured limit of its own (`row_limit`: raysel/select/mig.py).
 MAX_DRIVER_ROWS = int(os.environ.get("RAYSEL_MAX_DRIVER_ROWS", 10_000_000))
 
 
 def _check_driver_rows(config: RunConfig, rows: int) -> None:
     """Refuse, before the driver runs out of memory, an in-memory selection of more rows than it is sized for."""
-    if rows <= MAX_DRIVER_ROWS:
+    cls = POLICIES[config.select.policy]
+    own = getattr(cls, "row_limit", None)
+    limit, env, size = MAX_DRIVER_ROWS, "RAYSEL_MAX_DRIVER_ROWS", "about 0.5 KB a row"
+    if own is not None and own.rows < limit:
+        limit, env, size = own.rows, own.env, f"about {own.bytes_per_row / 1000:.1f} KB a row"
+    if rows <= limit:
         return
-    what = "select.semdedup" if config.select.semdedup is not None else f"policy {config.select.policy!r}"
-    planned = sorted(name for name, cls in POLICIES.items() if cls.plan is not Policy.plan)
+    planned = sorted(name for name, c in POLICIES.items() if c.plan is not Policy.plan)
+    instead = [own.alternatives] if own is not None else []
+    instead += [
+        f"use a policy planned on statistics ({', '.join(planned)}), which never holds the rows on the driver",
+        f"set {env} higher on a driver with the memory",
+    ]
+    advice = "; or ".join(instead)
     raise ConfigError(
-        f"{what} selects in memory on the driver (about 0.5 KB a row) and takes at most {MAX_DRIVER_ROWS:,} rows; "
-        f"this corpus has {rows:,}. Use a policy planned on statistics ({', '.join(planned)}), which never holds "
-        "the rows on the driver, or set RAYSEL_MAX_DRIVER_ROWS higher on a driver with the memory"
+        f"policy {config.select.policy!r} selects in memory on the driver ({size}) and takes at most {limit:,} rows; "
+        f"this corpus has {rows:,}. {advice[0].upper()}{advice[1:]}"
     )
 
 
@@ -400,7 +417,7 @@ def cluster_pass(config: RunConfig, scores_uri: str, key: str) -> tuple[np.ndarr
 
 def collect_rows(assigned_uri: str) -> pa.Table:
     """Every row's id, provenance, scores and cluster on the driver, sorted by id: the in-memory path, for the
-    policies without a plan (mig, bandit) and semdedup. O(rows) driver memory (about 0.5 KB a row)."""
+    policies without a plan (mig, bandit). O(rows) driver memory (about 0.5 KB a row)."""
     tables = [t for t in read_shards(assigned_uri).iter_batches(batch_format="pyarrow", batch_size=None)]
     table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
     table = table.sort_by([("id", "ascending"), ("source", "ascending"), ("row", "ascending")])
@@ -435,8 +452,17 @@ def select_pass(
     """Run the policy on the usable rows; add `status` and fill `reason` for every row.
 
     Policies that need more than ids, clusters and scores (embeddings, an expensive scorer to probe
-    with) find the run's `RunContext` in `candidates.context`."""
+    with) find the run's `RunContext` in `candidates.context`. Rows a drop step dropped (the `dropped` column of
+    its shards: raysel/select/drop.py) are rejected with that reason; the budget is a fraction of the usable rows
+    before them."""
     reasons = table.column("reason").to_numpy(zero_copy_only=False).astype(object)
+    budget = budget_rows(config.select.budget, int((reasons == "").sum()))
+    dropped = np.zeros(0, dtype=np.int64)
+    if DROPPED in table.column_names:  # rows that left before the policy (drop steps)
+        why = table.column(DROPPED).to_numpy(zero_copy_only=False).astype(object)
+        dropped = np.flatnonzero((reasons == "") & (why != ""))
+        reasons[dropped] = why[dropped]
+        table = table.drop_columns([DROPPED])
     usable = np.flatnonzero(reasons == "")
     candidates = Candidates(
         ids=table.column("id").to_numpy(zero_copy_only=False)[usable],
@@ -447,15 +473,7 @@ def select_pass(
         labels=_column(table, "label", usable),
         context=context,
     )
-    budget = budget_rows(config.select.budget, len(candidates))
-    dropped, dedup_info = np.zeros(0, dtype=np.int64), {}
-    if config.select.semdedup is not None:  # near-duplicates leave before the policy sees the rows
-        from raysel.select.semdedup import drop_near_duplicates
-
-        dedup = drop_near_duplicates(candidates, context, config.select)
-        candidates, dropped, usable, dedup_info = dedup.candidates, usable[~dedup.keep], usable[dedup.keep], dedup.info
-        reasons[dropped] = dedup.reasons[~dedup.keep]
-        budget = min(budget, len(candidates))
+    budget = min(budget, len(candidates))
     policy = POLICIES[config.select.policy](config.select)
     selection = policy.select(candidates, budget)
     status = np.full(table.num_rows, "quarantined", dtype=object)
@@ -465,8 +483,6 @@ def select_pass(
     table = table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reasons, type=pa.string()))
     table = table.add_column(1, "status", pa.array(status, type=pa.string()))
     info = {"policy": config.select.policy, "budget_rows": budget, "usable_rows": len(candidates), **selection.info}
-    if dedup_info:
-        info["semdedup"] = dedup_info
     return table, info
 
 

@@ -23,13 +23,40 @@ instead of O(budget * rows) gain evaluations (1M rows, 1,024 clusters, budget 10
 from __future__ import annotations
 
 import heapq
-from typing import Literal
+import os
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from raysel.errors import ConfigError
 from raysel.select import Candidates, Policy, Selection, register_policy
+
+
+@dataclass(frozen=True)
+class RowLimit:
+    """The most rows a policy that selects on the driver accepts, and what to do above it (pipeline checks it
+    before collecting the rows).
+
+    Attributes:
+        rows: the limit.
+        env: the variable that sets it.
+        bytes_per_row: the driver memory a row costs, measured.
+        alternatives: what to run instead, for the error above the limit.
+    """
+
+    rows: int
+    env: str
+    bytes_per_row: int
+    alternatives: str
+
+
+# The in-memory mig adds about 0.7-1.0 KB a row to the driver's peak (benchmarks/mig_memory.py, RESULTS.md §14: 717 B a
+# row from 200k to 600k rows, 1,030 from 50k to 150k: the rows collected, the candidates, the shard index, the greedy's
+# arrays), plus up to 256 MB of embeddings for the label geometry: 4M rows is ~4.3 GB, within a head node of 8 GB.
+MIG_BYTES_PER_ROW = 1000
+MAX_MIG_ROWS = int(os.environ.get("RAYSEL_MAX_MIG_ROWS", 4_000_000))
 
 
 def propagation_matrix(label_embeddings: np.ndarray, threshold: float) -> np.ndarray:
@@ -138,6 +165,16 @@ class MIGPolicy(Policy):
     """MIG greedy selection (module docstring). Needs the run context for the label embeddings."""
 
     Params = MIGParams
+    row_limit: ClassVar[RowLimit] = RowLimit(
+        rows=MAX_MIG_ROWS,
+        env="RAYSEL_MAX_MIG_ROWS",
+        bytes_per_row=MIG_BYTES_PER_ROW,
+        alternatives=(
+            "MIG inside each cluster is `stratified` by the same score (a cluster is one label set: its greedy takes "
+            "its best rows first), which plans on statistics and never holds the rows; or run mig on a sample of the "
+            "corpus"
+        ),
+    )
 
     def select(self, candidates: Candidates, budget: int) -> Selection:
         from raysel.select.probe import ShardIndex, cluster_geometry, embedding_matrix

@@ -1,26 +1,35 @@
-"""Semantic deduplication (SemDedup) inside each cluster, as a step before any selection policy.
+"""Semantic deduplication (SemDedup) inside each cluster, as a drop step before any selection policy.
 
 `select.semdedup: {threshold: 0.95}` walks each cluster's rows best first (by `select.score` and
 `select.order`; without a score, by id) and keeps a row unless its cosine to a row already kept in
 the same cluster exceeds the threshold; a dropped row's ledger reason names the kept row it repeats:
-"near-duplicate of <id> (cos 0.97)". Near-duplicates almost always share a cluster, so comparing
-inside clusters costs sum_c n_c^2 instead of n^2.
+"near-duplicate of <id> (cos 0.97)", and it is `rejected`. Near-duplicates almost always share a
+cluster, so comparing inside clusters costs sum_c n_c^2 instead of n^2.
 
-How it runs: the driver streams the embeddings of the candidates out of the scored shards, a wave
-of clusters at a time (at most `max_rows_in_memory` rows held), and each cluster is one Ray task
-running `dedup_cluster`, so the quadratic work spreads over the Ray cluster.
+How it runs (`SemDedup`, a drop step: raysel/select/drop.py): the candidate rows of the scored shards,
+with their embeddings, get their cluster from pass 2's centroids in a map, are grouped by cluster
+(`groupby("cluster").map_groups`), and each cluster's rows are deduplicated in its task (`dedup_cluster`);
+the rows come out, without the embedding, with their `dropped` reason. The driver holds no row.
+
+`drop_near_duplicates` is the same rule over candidates in memory (the embeddings streamed to the driver):
+the slow reference the step is tested against.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
-from raysel.config import SelectConfig
 from raysel.errors import ConfigError
 from raysel.select import Candidates, rank
+from raysel.select.drop import DropInput, has_dropped, with_dropped
+
+if TYPE_CHECKING:
+    from raysel.config import RunConfig, SelectConfig
+    from raysel.select.stream import Repeats
 
 # Rows whose embeddings the driver holds at once (a wave of whole clusters; a larger cluster is a wave alone).
 _MAX_ROWS_IN_MEMORY = 1_000_000
@@ -166,3 +175,92 @@ def drop_near_duplicates(candidates: Candidates, context: Any, config: SelectCon
     kept_by = config.score if config.score is not None and config.score in candidates.scores else "id"
     info = {"threshold": threshold, "dropped": int((~keep).sum()), "kept_by": kept_by}
     return Deduplicated(remaining, keep, reasons, info)
+
+
+class SemDedup:
+    """The `select.semdedup` drop step on Ray (module docstring): same rule and choices as `drop_near_duplicates`.
+
+    Args:
+        config: the run (`select.semdedup`, and `select.score` / `select.order` for which row of a pair stays).
+    """
+
+    name = "semdedup"
+
+    def __init__(self, config: RunConfig) -> None:
+        self.threshold = config.select.semdedup.threshold
+        score = config.select.score
+        self.score = score if score is not None and score in config.score_columns else None
+        self.order = config.select.order
+        self.shard_rows = config.shard_rows
+
+    def settings(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "score": self.score, "order": self.order if self.score else None}
+
+    def run(self, source: DropInput, out_uri: str) -> dict[str, Any]:
+        """Every row of the scored shards, with `cluster`, `centroid_sim` and `dropped`, to `out_uri`."""
+        from raysel._internal.ray_stage import IO_TASK_CPUS, read_shards
+        from raysel.pipeline import write_shards
+        from raysel.select.stream import _shuffle_partitions
+
+        if has_dropped(source.uri):  # it reads the scored shards, which know nothing of an earlier step
+            raise RuntimeError("semdedup must be the first drop step")
+        split = {"centroids": source.centroids, "repeats": source.repeats}
+        rows = read_shards(source.scores_uri)
+        candidates = rows.map_batches(
+            _assigned, fn_kwargs={**split, "candidates": True}, batch_format="pyarrow", num_cpus=IO_TASK_CPUS
+        )
+        # One task per cluster, a whole CPU each: the pairwise cosines are matrix products.
+        deduped = candidates.groupby("cluster", num_partitions=_shuffle_partitions()).map_groups(
+            _dedup_group,
+            fn_kwargs={"threshold": self.threshold, "score": self.score, "order": self.order},
+            batch_format="pyarrow",
+            num_cpus=1,
+        )
+        rest = rows.map_batches(
+            _assigned, fn_kwargs={**split, "candidates": False}, batch_format="pyarrow", num_cpus=IO_TASK_CPUS
+        )
+        write_shards(deduped.union(rest), out_uri, self.shard_rows)
+        return {"threshold": self.threshold, "kept_by": self.score or "id"}
+
+
+def _assigned(table: pa.Table, centroids: np.ndarray, repeats: Repeats, candidates: bool) -> pa.Table:
+    """The block's candidate rows (with the embedding) or its other rows (without, `dropped` ""), each with its
+    cluster and the cosine to its centroid, as pass 2's assign_pass gives them."""
+    from raysel.cluster import assign
+    from raysel.select.probe import embedding_matrix
+    from raysel.select.stream import with_repeats
+
+    reasons = table.column("reason").to_numpy(zero_copy_only=False)
+    cluster = np.full(table.num_rows, -1, dtype=np.int32)
+    sim = np.full(table.num_rows, np.nan, dtype=np.float32)
+    usable = np.flatnonzero(reasons == "")
+    if len(usable):
+        emb = embedding_matrix(table.column("embedding").take(pa.array(usable)))
+        cluster[usable], sim[usable] = assign(emb, centroids)
+    table = table.append_column("cluster", pa.array(cluster)).append_column("centroid_sim", pa.array(sim))
+    where = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("reason", "source", "row")}
+    is_candidate = with_repeats(where, repeats)["reason"] == ""
+    if candidates:
+        return table.filter(pa.array(is_candidate))
+    rest = table.filter(pa.array(~is_candidate)).drop_columns(["embedding"])
+    return with_dropped(rest, np.full(rest.num_rows, "", dtype=object))
+
+
+def _dedup_group(group: pa.Table, threshold: float, score: str | None, order: str) -> pa.Table:
+    """One cluster's candidates: best first as `priority` ranks them (by score, else id; ties by id), then
+    `dedup_cluster`; the rows come back without the embedding, a dropped one with its reason."""
+    group = group.sort_by([("id", "ascending"), ("source", "ascending"), ("row", "ascending")])
+    n = group.num_rows
+    if score is not None:
+        best = rank(group.column(score).to_numpy(zero_copy_only=False).astype(np.float64), order)
+    else:
+        best = np.arange(n)
+    reasons = np.full(n, "", dtype=object)
+    if n >= 2:
+        from raysel.select.probe import embedding_matrix
+
+        ids = group.column("id").to_numpy(zero_copy_only=False)
+        dup_of, cos = dedup_cluster(embedding_matrix(group.column("embedding"))[best], threshold)
+        for i in np.flatnonzero(dup_of >= 0):
+            reasons[best[i]] = f"near-duplicate of {ids[best[dup_of[i]]]} (cos {cos[i]:.2f})"
+    return with_dropped(group.drop_columns(["embedding"]), reasons)

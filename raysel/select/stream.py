@@ -11,8 +11,10 @@
     apply_pass         each block's rows get status and reason from the plan; the workers write the ledger
     summarize_ledger   the manifest's counts, quarantine reasons, flags and cluster sizes, per block, merged
 
-The policies that cannot be planned on statistics (mig, bandit) or the semdedup step still select in
-memory on the driver (pipeline.select_pass), over the same assigned shards.
+Drop steps (semdedup, drop_noisy: raysel/select/drop.py) run between the repeated ids and the statistics;
+every pass after them reads their shards, where a row with a `dropped` reason is no candidate and the apply
+pass rejects it with that reason. The policies that cannot be planned on statistics (mig, bandit) still
+select in memory on the driver (pipeline.select_pass), over the same shards.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import pyarrow as pa
 from raysel._internal.ray_stage import IO_TASK_CPUS, read_shards
 from raysel.cluster import ClusterAssigner
 from raysel.io import fs as rfs
+from raysel.select.drop import DROPPED, candidate_mask, has_dropped
 from raysel.select.plan import Plan, SelectionStats
 
 Repeats = dict[str, dict[int, str]]  # {source: {row: reason}} of the rows quarantined as repeated ids
@@ -155,7 +158,7 @@ class RayBlocks:
     def __init__(self, assigned_uri: str, repeats: Repeats, score_columns: list[str]) -> None:
         self.uri = assigned_uri
         self.repeats = repeats
-        self.columns = [*CANDIDATE_COLUMNS, *score_columns]
+        self.columns = [*CANDIDATE_COLUMNS, *score_columns, *([DROPPED] if has_dropped(assigned_uri) else [])]
 
     def map_blocks(self, fn: Callable[..., Any], **kwargs: Any) -> Iterator[Any]:
         ds = read_shards(self.uri, columns=self.columns).map_batches(
@@ -172,8 +175,8 @@ class RayBlocks:
 
 def _run_on_candidates(batch: dict[str, np.ndarray], fn: Callable[..., Any], kwargs: dict, repeats: Repeats):
     batch = with_repeats(batch, repeats)
-    usable = batch["reason"] == ""
-    candidates = {c: v[usable] for c, v in batch.items()}
+    usable = candidate_mask(batch)
+    candidates = {c: v[usable] for c, v in batch.items() if c != DROPPED}
     return {"result": np.array([pickle.dumps(fn(candidates, **kwargs))], dtype=object)}
 
 
@@ -203,6 +206,9 @@ def _apply_block(batch: dict[str, np.ndarray], policy: Any, plan: Plan, repeats:
     batch = with_repeats(batch, repeats)
     reasons = np.asarray(batch["reason"], dtype=object).copy()
     status = np.full(len(reasons), "quarantined", dtype=object)
+    dropped = np.asarray(batch.pop(DROPPED, np.full(len(reasons), "", dtype=object)), dtype=object)
+    gone = (reasons == "") & (dropped != "")  # left before the policy (a drop step): rejected, with its reason
+    status[gone], reasons[gone] = "rejected", dropped[gone]
     usable = np.flatnonzero(reasons == "")
     if len(usable):
         kept, why = policy.apply({c: v[usable] for c, v in batch.items()}, plan)
