@@ -51,10 +51,10 @@ from raysel.select.drop import DROPPED, Dropped, drop_pass
 from raysel.select.plan import CutService, Plan
 from raysel.select.stream import (
     IN_MEMORY_ROWS,
-    RayBlocks,
     Repeats,
     apply_pass,
     assign_pass,
+    candidate_runner,
     repeated_ids,
     selection_stats,
     summarize_ledger,
@@ -174,7 +174,7 @@ def plan_pass(config: RunConfig, policy: Policy, drops: Dropped, repeats: Repeat
     """Pass 3 for a planned policy: per-cluster statistics of the rows left after the drop steps, then the
     policy's plan, its cuts found in a few passes over the candidate columns (raysel/select/stream.py). The budget
     is a fraction of the candidates before the drop steps, capped at the rows left. Returns (plan, summary)."""
-    runner = RayBlocks(drops.uri, repeats, config.score_columns)
+    runner = candidate_runner(drops.uri, repeats, config.score_columns)
     stats = selection_stats(runner)
     before = stats.usable if drops.candidates is None else drops.candidates
     budget = min(budget_rows(config.select.budget, before), stats.usable)

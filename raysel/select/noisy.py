@@ -82,9 +82,9 @@ class DropNoisy:
     def run(self, source: DropInput, out_uri: str) -> dict[str, Any]:
         from raysel._internal.ray_stage import IO_TASK_CPUS, read_shards
         from raysel.pipeline import write_shards
-        from raysel.select.stream import RayBlocks, selection_stats
+        from raysel.select.stream import candidate_runner, selection_stats
 
-        runner = RayBlocks(source.uri, source.repeats, [self.config.score])
+        runner = candidate_runner(source.uri, source.repeats, [self.config.score])
         cuts = CutService(runner)
         candidates = selection_stats(runner).usable
         step = self.plan(cuts, candidates)

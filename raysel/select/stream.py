@@ -7,7 +7,8 @@
     selection_stats    candidate rows per cluster (one small count per block)
     RayBlocks          the BlockRunner through which a policy's `plan` runs its refinement passes: each pass
                        reads the candidate columns (id, cluster, reason, scores: ~20-40 bytes a row) and
-                       sends back per-block histograms the driver adds up
+                       sends back per-block histograms the driver adds up; DriverBlocks, below
+                       IN_MEMORY_ROWS rows, reads those columns once and runs every pass on the driver
     apply_pass         each block's rows get status and reason from the plan; the workers write the ledger
     summarize_ledger   the manifest's counts, quarantine reasons, flags and cluster sizes, per block, merged
 
@@ -173,11 +174,38 @@ class RayBlocks:
                 yield pickle.loads(blob)
 
 
-def _run_on_candidates(batch: dict[str, np.ndarray], fn: Callable[..., Any], kwargs: dict, repeats: Repeats):
+class DriverBlocks(RayBlocks):
+    """RayBlocks for a corpus of at most IN_MEMORY_ROWS rows: the candidate columns (~40-100 bytes a row) are read
+    once, block by block, and every refinement pass runs over them on the driver. The same blocks and the same
+    functions as on Ray, so the same decisions; what it saves is a Ray Data execution per pass (about a second
+    each), which is most of a small run's selection time."""
+
+    def __init__(self, assigned_uri: str, repeats: Repeats, score_columns: list[str]) -> None:
+        super().__init__(assigned_uri, repeats, score_columns)
+        self._blocks: list[dict[str, np.ndarray]] | None = None
+
+    def map_blocks(self, fn: Callable[..., Any], **kwargs: Any) -> Iterator[Any]:
+        if self._blocks is None:
+            batches = read_shards(self.uri, columns=self.columns).iter_batches(batch_format="numpy", batch_size=None)
+            self._blocks = [candidates_of(batch, self.repeats) for batch in batches]
+        return (fn(block, **kwargs) for block in self._blocks)
+
+
+def candidate_runner(assigned_uri: str, repeats: Repeats, score_columns: list[str]) -> RayBlocks:
+    """The BlockRunner of pass 3: on Ray, or on the driver below IN_MEMORY_ROWS rows."""
+    small = rfs.parquet_rows(assigned_uri) <= IN_MEMORY_ROWS
+    return (DriverBlocks if small else RayBlocks)(assigned_uri, repeats, score_columns)
+
+
+def candidates_of(batch: dict[str, np.ndarray], repeats: Repeats) -> dict[str, np.ndarray]:
+    """A block's candidate rows: not quarantined, not a repeated id, not dropped by a drop step."""
     batch = with_repeats(batch, repeats)
     usable = candidate_mask(batch)
-    candidates = {c: v[usable] for c, v in batch.items() if c != DROPPED}
-    return {"result": np.array([pickle.dumps(fn(candidates, **kwargs))], dtype=object)}
+    return {c: v[usable] for c, v in batch.items() if c != DROPPED}
+
+
+def _run_on_candidates(batch: dict[str, np.ndarray], fn: Callable[..., Any], kwargs: dict, repeats: Repeats):
+    return {"result": np.array([pickle.dumps(fn(candidates_of(batch, repeats), **kwargs))], dtype=object)}
 
 
 # --- pass 4: apply -------------------------------------------------------------------------------------------

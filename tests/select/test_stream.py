@@ -90,7 +90,7 @@ def test_streamed_selection_agrees_with_the_in_memory_policy(corpus, ray_cluster
 
 
 def test_the_same_decisions_through_the_distributed_shuffles_and_other_blocks(corpus, ray_cluster):
-    """The in-memory shortcuts (repeated ids, the selected rows by file) against Ray's group-by, and other block
+    """The in-memory shortcuts (repeated ids, the cut passes on the driver, the selected rows by file) against Ray, and other block
     and shard sizes: the ledger sorted by id and the selected records are the same."""
     config = _config(corpus, "out-a", {"policy": "stratified", "score": "loss"})
     run(parse_config(config))
@@ -200,4 +200,7 @@ def test_an_in_memory_policy_refuses_more_rows_than_the_driver_is_sized_for(corp
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "policy 'mig' selects in memory on the driver" in proc.stderr and "takes at most 10 rows" in proc.stderr
-    assert "random, stratified, threshold, topk" in proc.stderr.replace("hard_easy, ", "") and "Traceback" not in proc.stderr
+    assert (
+        "random, stratified, threshold, topk" in proc.stderr.replace("hard_easy, ", "")
+        and "Traceback" not in proc.stderr
+    )
