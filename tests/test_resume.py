@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from tests.conftest import bbc_sample, write_jsonl
 
-FILES, ROWS_PER_FILE = 8, 30
+FILES, ROWS_PER_FILE = 6, 16
 
 
 def _config(root, out, work):
@@ -23,7 +23,7 @@ def _config(root, out, work):
         "cluster: {k: 3}\n"
         "select: {budget: 0.3, policy: stratified, score: entropy, seed: 0}\n"
         f"work_dir: {work}\n"
-        "shard_rows: 32\n"  # several shards from a small corpus, so the run can be cut between them
+        "shard_rows: 16\n"  # several shards from a small corpus, so the run can be cut between them
     )
 
 
