@@ -101,6 +101,7 @@ def test_semdedup_in_tasks_drops_what_the_in_memory_reference_drops(dedup_then_n
     assert all(r["status"] == "rejected" for r in ledger if r["id"] in got)
     info = result.manifest["selection"]["semdedup"]
     assert info["threshold"] == 0.95 and info["kept_by"] == "loss" and info["dropped"] == len(got)
+    assert not info["reused"]
     per_cluster = Counter(r["cluster"] for r in ledger if r["id"] in got)
     assert info["dropped_per_cluster"] == dict(sorted(per_cluster.items()))
 
@@ -152,6 +153,7 @@ def test_an_in_memory_policy_reads_the_same_drop_shards(corpus, ray_cluster, ded
     usable = sum(r["status"] != "quarantined" for r in ledger)
     assert result.counts["selected"] == int(np.floor(0.5 * usable + 0.5))
     assert result.manifest["selection"]["semdedup"]["dropped"] == len(near(ledger))
+    assert result.manifest["selection"]["semdedup"]["reused"]  # the streamed run's semdedup shards, same settings
     assert result.manifest["selection"]["usable_rows"] == usable - len(near(ledger))
 
 
