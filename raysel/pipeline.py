@@ -141,7 +141,7 @@ def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, tim
             centroids, clusters_reused = cluster_pass(config, scores_uri, score_key)
         except _NoUsableRows:
             centroids, clusters_reused = np.zeros((0, 0), dtype=np.float32), False
-        assigned = assign_pass(scores_uri, centroids, _assigned_uri(config, score_key), config.shard_rows)
+        assigned = assign_pass(scores_uri, centroids, _assigned_uri(config, score_key, scores_uri), config.shard_rows)
     reuse["clusters"] = {"reused": clusters_reused}
     if len(centroids) == 0:
         return _commit_all_quarantined(config, files, sink, assigned, timings, reuse)
@@ -384,9 +384,13 @@ def _cluster_key(config: RunConfig, key: str) -> str:
     return hashlib.sha256(f"{key}|{config.cluster.model_dump_json()}".encode()).hexdigest()[:16]
 
 
-def _assigned_uri(config: RunConfig, key: str) -> str:
-    """The assigned shards (every row with its cluster, no embedding) of these scores and centroids."""
-    return rfs.join(rfs.join(config.resolved_work_dir(), key), f"assigned-{_cluster_key(config, key)}")
+def _assigned_uri(config: RunConfig, key: str, scores_uri: str) -> str:
+    """The assigned shards (every row with its cluster, no embedding) of these scores and centroids. They copy the
+    scores: the rescored shards' folder (rescored-<their settings' hash>) is part of the name, so a run with other
+    rescoring settings does not reuse another's scores."""
+    rescored = scores_uri.rstrip("/").split("/")[-2]  # "<key>" for pass 1's shards, else "rescored-<hash>"
+    suffix = f"-{rescored.removeprefix('rescored-')}" if rescored.startswith("rescored-") else ""
+    return rfs.join(rfs.join(config.resolved_work_dir(), key), f"assigned-{_cluster_key(config, key)}{suffix}")
 
 
 def cluster_pass(config: RunConfig, scores_uri: str, key: str) -> tuple[np.ndarray, bool]:

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from raysel.select import rank
 from raysel.select.mig import gain, group_directions, mig_greedy, propagation_matrix, scaled_quality
 
 EXP, EPS, THR = 0.8, 1e-2, 0.9
@@ -198,3 +199,17 @@ def test_mig_policy_through_the_pipeline(ray_cluster, tmp_path):
     assert by_topic.manifest["selection"]["mig"]["n_labels"] == 5
     topics = pq.read_table(tmp_path / "b" / "selected").to_pandas().topic
     assert topics.nunique() == 5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mig_inside_one_cluster_is_the_clusters_best_rows(seed):
+    """What the row limit's error claims: with `labels: cluster`, a cluster is one label set, so MIG restricted to a
+    cluster takes its rows best quality first: MIG per cluster with a budget per cluster is `stratified`."""
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=200)
+    scores[rng.choice(200, 10, replace=False)] = np.nan  # unscored rows: quality 0, taken last
+    quality = scaled_quality(scores, "desc", 0.05)
+    a = propagation_matrix(rng.normal(size=(1, 8)), 0.9)
+    for budget in (1, 17, 190, 200):
+        picks, _, _ = mig_greedy(quality, np.zeros(200, dtype=np.int64), group_directions([(0,)], a), budget)
+        assert sorted(picks.tolist()) == sorted(rank(scores, "desc")[:budget].tolist())

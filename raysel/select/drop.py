@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -77,7 +78,7 @@ class Dropped:
     Attributes:
         uri: the last step's shards (the assigned shards when no step is set).
         candidates: candidate rows before any step (the budget's base).
-        info: per step name, its info with `dropped` (rows) and `dropped_per_cluster`.
+        info: per step name, its info with `dropped` (rows), `dropped_per_cluster`, `reused` and `seconds`.
     """
 
     uri: str
@@ -114,7 +115,8 @@ def drop_pass(
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         out = f"{uri.rstrip('/')}-{step.name}-{digest}"
         done = rfs.join(out, "_SUCCESS")
-        if rfs.exists(done):
+        start, reused = time.perf_counter(), rfs.exists(done)
+        if reused:
             kept = json.loads(rfs.read_text(rfs.join(out, "info.json")))
         else:
             rfs.delete_dir(out)
@@ -132,6 +134,8 @@ def drop_pass(
             **kept["info"],
             "dropped": int(sum(mine.values())),
             "dropped_per_cluster": {int(c): int(n) for c, n in sorted(mine.items())},
+            "reused": reused,
+            "seconds": round(time.perf_counter() - start, 3),
         }
         before, uri = dropped, out
     return Dropped(uri, candidates, info)

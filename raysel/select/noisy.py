@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from raysel.select.cuts import Cut
 from raysel.select.drop import DROPPED, DropInput, candidate_mask, with_dropped
 from raysel.select.plan import CutService, Eligible, Plan, Step
 
@@ -66,7 +67,7 @@ class DropNoisy:
         step = self.step()
         eligible = cuts.count(step, []).get(0, 0)
         if self.config.threshold is not None:
-            return replace(step, quotas={0: eligible}, cuts={0: _all()})
+            return replace(step, quotas={0: eligible}, cuts={0: Cut.all()})  # every row beyond it
         want = min(eligible, int(np.floor(self.config.fraction * candidates + 0.5)))
         return cuts.find(replace(step, quotas={0: want}), [], {0: eligible})
 
@@ -109,12 +110,6 @@ class DropNoisy:
         """Which of a block's candidate rows the step drops (the rows its cut keeps: the noisiest)."""
         (kept,) = Plan((step,)).kept(batch)
         return kept
-
-
-def _all():
-    from raysel.select.cuts import Cut
-
-    return Cut.all()
 
 
 def _mark_block(table: pa.Table, drop: DropNoisy, step: Step, repeats: Any) -> pa.Table:

@@ -101,6 +101,7 @@ def test_semdedup_in_tasks_drops_what_the_in_memory_reference_drops(dedup_then_n
     assert all(r["status"] == "rejected" for r in ledger if r["id"] in got)
     info = result.manifest["selection"]["semdedup"]
     assert info["threshold"] == 0.95 and info["kept_by"] == "loss" and info["dropped"] == len(got)
+    assert not info["reused"]
     per_cluster = Counter(r["cluster"] for r in ledger if r["id"] in got)
     assert info["dropped_per_cluster"] == dict(sorted(per_cluster.items()))
 
@@ -152,6 +153,7 @@ def test_an_in_memory_policy_reads_the_same_drop_shards(corpus, ray_cluster, ded
     usable = sum(r["status"] != "quarantined" for r in ledger)
     assert result.counts["selected"] == int(np.floor(0.5 * usable + 0.5))
     assert result.manifest["selection"]["semdedup"]["dropped"] == len(near(ledger))
+    assert result.manifest["selection"]["semdedup"]["reused"]  # the streamed run's semdedup shards, same settings
     assert result.manifest["selection"]["usable_rows"] == usable - len(near(ledger))
 
 
@@ -243,3 +245,17 @@ def test_drop_noisy_config_errors_name_the_field(drop_noisy, message):
     }
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(config)
+
+
+def test_the_assigned_shards_are_keyed_by_the_scores_they_copy(tmp_path):
+    """The assigned shards (and the drop shards keyed on them) copy the scores: rescored shards of other settings
+    must not find an earlier run's assigned shards."""
+    from raysel.pipeline import _assigned_uri
+
+    paths = {"input": {"path": "/tmp/c.jsonl"}, "output": {"path": "/tmp/o"}, "work_dir": str(tmp_path)}
+    config = parse_config({**paths, "select": {"budget": 0.5, "policy": "random"}})
+    plain = _assigned_uri(config, "k1", f"{tmp_path}/k1/scores")
+    a = _assigned_uri(config, "k1", f"{tmp_path}/k1/rescored-aaaa/scores")
+    b = _assigned_uri(config, "k1", f"{tmp_path}/k1/rescored-bbbb/scores")
+    assert len({plain, a, b}) == 3 and all(Path(u).parent == tmp_path / "k1" for u in (plain, a, b))
+    assert Path(plain).name.startswith("assigned-") and Path(a).name.endswith("-aaaa")
