@@ -54,27 +54,26 @@ def test_a_second_run_is_refused_naming_the_live_owner(tmp_path):
     second.release()
 
 
-def _claim(folder: str, start: float, results) -> None:
-    time.sleep(max(0.0, start - time.time()))
+def _claim(folder: str, ready, tried, results) -> None:
     sink = OutputSink(folder)
+    ready.wait(60)  # every process started and imported: they claim at once
     try:
         sink.claim()
         results.put(sink.run_id)
-        time.sleep(1.0)  # hold it while the others try
-        sink.release()
     except SinkError:
         results.put(None)
+    tried.wait(60)  # the winner holds the folder until every other claim has been tried
+    sink.release()
 
 
 def test_of_runs_claiming_at_once_exactly_one_gets_the_folder(tmp_path):
     ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    start = time.time() + 2.0
-    procs = [ctx.Process(target=_claim, args=(str(tmp_path / "out"), start, results)) for _ in range(6)]
+    results, ready, tried = ctx.Queue(), ctx.Barrier(6), ctx.Barrier(6)
+    procs = [ctx.Process(target=_claim, args=(str(tmp_path / "out"), ready, tried, results)) for _ in range(6)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(30)
+        p.join(120)
     winners = [r for r in (results.get(timeout=5) for _ in procs) if r is not None]
     assert len(winners) == 1
 

@@ -222,6 +222,9 @@ class OutputSink:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 current = self.read_lock()
+                if current is not None and current.get("run_id") == "?":  # half-written: read the new owner whole
+                    time.sleep(0.2)
+                    current = self.read_lock()
                 if current is None or current.get("run_id") != self.run_id:
                     owner = "nobody" if current is None else describe_owner(current)
                     self.lost = f"the output folder's lock is now held by {owner}"
