@@ -7,10 +7,11 @@ pass 1  score     Ray Data streams the corpus files through the reader, the embe
 pass 2  cluster   FAISS spherical k-means on a seeded sample of the embeddings (centroids kept in
                   the work dir), then every row assigned to its nearest centroid in a map (the
                   assigned shards, without embeddings, kept in the work dir too).
-pass 3  select    a planned policy (random, topk, threshold, stratified, hard_easy) plans on
+pass 3  select    a planned policy (random, topk, threshold, stratified, hard_easy, bandit) plans on
                   per-cluster statistics and finds its exact cuts in a few passes over the rows: the
-                  driver holds O(clusters × 256) counts, never a row per row. The others (mig,
-                  bandit, semdedup) collect ids, clusters and scores on the driver, up to a limit.
+                  driver holds O(clusters × 256) counts (and the bandit's probe queues), never a row
+                  per row. The others (mig, semdedup) collect ids, clusters and scores on the driver,
+                  up to a limit.
 pass 4  write     OUT/ledger (one row per input row; written by the workers for a planned policy),
                   OUT/selected (the chosen rows joined back to their original records, per input
                   file, in tasks), OUT/manifest.json, and OUT/_SUCCESS last.
@@ -25,7 +26,7 @@ import platform
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -144,13 +145,13 @@ def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, tim
         return _commit_all_quarantined(config, files, sink, assigned, timings, reuse)
     policy = POLICIES[config.select.policy](config.select)
     plan = None
+    context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), score_key), files, centroids)
     with _timed(timings, "select"):
         if streams(config):
-            plan, repeats, info = plan_pass(config, policy, assigned)
-        else:  # a policy that is greedy over rows or probes them: in memory, on the driver
+            plan, repeats, info = plan_pass(config, policy, assigned, context)
+        else:  # a policy that is greedy over rows: in memory, on the driver
             _check_driver_rows(config, rfs.parquet_rows(assigned))
             table = collect_rows(assigned)
-            context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), score_key), files)
             table, info = select_pass(config, table, context)
     with _timed(timings, "write"):
         if plan is not None:
@@ -164,12 +165,14 @@ def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, tim
     return RunResult(config.output.path, manifest, manifest["counts"])
 
 
-def plan_pass(config: RunConfig, policy: Policy, assigned: str) -> tuple[Plan, Repeats, dict[str, Any]]:
+def plan_pass(
+    config: RunConfig, policy: Policy, assigned: str, context: RunContext | None = None
+) -> tuple[Plan, Repeats, dict[str, Any]]:
     """Pass 3 for a planned policy: repeated ids, per-cluster statistics, then the policy's plan, its cuts found
     in a few passes over the candidate columns (raysel/select/stream.py). Returns (plan, repeats, summary)."""
     repeats = repeated_ids(assigned)
-    runner = RayBlocks(assigned, repeats, config.score_columns)
-    stats = selection_stats(runner)
+    runner = RayBlocks(assigned, repeats, [*config.score_columns, *policy.reads])
+    stats = replace(selection_stats(runner), context=context)
     budget = budget_rows(config.select.budget, stats.usable)
     cuts = CutService(runner)
     plan = policy.plan(stats, budget, cuts)
@@ -182,7 +185,7 @@ def streams(config: RunConfig) -> bool:
     return POLICIES[config.select.policy].plan is not Policy.plan and config.select.semdedup is None
 
 
-# The in-memory selection (mig, bandit, semdedup) holds about 0.5 KB a row on the driver: 10M rows is ~5 GB.
+# The in-memory selection (mig, semdedup) holds about 0.5 KB a row on the driver: 10M rows is ~5 GB.
 MAX_DRIVER_ROWS = int(os.environ.get("RAYSEL_MAX_DRIVER_ROWS", 10_000_000))
 
 
@@ -400,7 +403,7 @@ def cluster_pass(config: RunConfig, scores_uri: str, key: str) -> tuple[np.ndarr
 
 def collect_rows(assigned_uri: str) -> pa.Table:
     """Every row's id, provenance, scores and cluster on the driver, sorted by id: the in-memory path, for the
-    policies without a plan (mig, bandit) and semdedup. O(rows) driver memory (about 0.5 KB a row)."""
+    policies without a plan (mig) and semdedup. O(rows) driver memory (about 0.5 KB a row)."""
     tables = [t for t in read_shards(assigned_uri).iter_batches(batch_format="pyarrow", batch_size=None)]
     table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
     table = table.sort_by([("id", "ascending"), ("source", "ascending"), ("row", "ascending")])
@@ -446,6 +449,7 @@ def select_pass(
         },
         labels=_column(table, "label", usable),
         context=context,
+        centroid_sim=_column(table, "centroid_sim", usable),
     )
     budget = budget_rows(config.select.budget, len(candidates))
     dropped, dedup_info = np.zeros(0, dtype=np.int64), {}

@@ -72,12 +72,9 @@ class ShardIndex:
             InputError: when a candidate id is not in the shards (the shards and the candidates disagree).
         """
         import pandas as pd
-        import pyarrow.fs as pafs
         import pyarrow.parquet as pq
 
-        fs, root = rfs.resolve(scores_uri)
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+        fs, paths = list_shards(scores_uri)
         lookup = pd.Index(np.asarray(ids, dtype=object))
         shards, parts = [], []
         for number, path in enumerate(paths):
@@ -119,29 +116,14 @@ class ShardIndex:
     def read(self, idx: np.ndarray, columns: list[str] | None = None) -> pa.Table:
         """The shard rows of candidates `idx` (all columns by default), in the order of `idx`; reads only the
         row groups that hold them."""
-        import pyarrow.parquet as pq
-
         idx = np.asarray(idx, dtype=np.int64)
-        tables, where = [], []
-        for s in np.unique(self.shard[idx]):
-            mine = np.flatnonzero(self.shard[idx] == s)
-            rows = self.file_row[idx[mine]]
-            starts = self.shards[s].row_groups
-            groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
-            pf = pq.ParquetFile(self.fs.open_input_file(self.shards[s].path))
-            table = pf.read_row_groups(groups.tolist(), columns=columns)
-            # rows inside the concatenation of the groups read
-            offset = np.concatenate([[0], np.cumsum(starts[groups + 1] - starts[groups])])
-            local = offset[np.searchsorted(groups, np.searchsorted(starts, rows, side="right") - 1)]
-            local = local + rows - starts[np.searchsorted(starts, rows, side="right") - 1]
-            tables.append(table.take(pa.array(local)))
-            where.append(mine)
-        if not tables:
-            return pa.table({})
-        table = pa.concat_tables(tables, promote_options="default")
-        inverse = np.empty(len(idx), dtype=np.int64)
-        inverse[np.concatenate(where)] = np.arange(len(idx))
-        return table.take(pa.array(inverse))
+        return take_rows(
+            self.fs,
+            [self.shards[s].path for s in self.shard[idx]],
+            self.file_row[idx],
+            columns,
+            starts={s.path: s.row_groups for s in self.shards},
+        )
 
     def stream(self, columns: list[str]) -> Iterator[tuple[np.ndarray, pa.Table]]:
         """(candidate indices, their rows' `columns`) per shard file, every candidate once."""
@@ -155,6 +137,62 @@ class ShardIndex:
                 continue
             table = pq.ParquetFile(self.fs.open_input_file(shard.path)).read(columns=columns)
             yield cand, table.take(pa.array(self.file_row[cand]))
+
+
+def take_rows(
+    fs: Any,
+    paths: list[str],
+    file_rows: np.ndarray,
+    columns: list[str] | None = None,
+    starts: dict[str, np.ndarray] | None = None,
+) -> pa.Table:
+    """Row `file_rows[i]` of Parquet file `paths[i]`, for every i, in that order; reads only the row groups that
+    hold them.
+
+    Args:
+        fs: the pyarrow filesystem of the files.
+        paths: per wanted row, its file (as `fs` names it).
+        file_rows: per wanted row, its row number inside that file.
+        columns: the columns to read (all by default).
+        starts: per file, the first row of each row group and the file's row count last (read from the footer
+            when missing).
+    """
+    import pyarrow.parquet as pq
+
+    file_rows = np.asarray(file_rows, dtype=np.int64)
+    paths_arr = np.asarray(paths, dtype=object)
+    tables, where = [], []
+    for path in dict.fromkeys(paths_arr.tolist()):
+        mine = np.flatnonzero(paths_arr == path)
+        rows = file_rows[mine]
+        pf = pq.ParquetFile(fs.open_input_file(path))
+        first = starts.get(path) if starts else None
+        if first is None:
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            first = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        group_of = np.searchsorted(first, rows, side="right") - 1
+        groups = np.unique(group_of)
+        table = pf.read_row_groups(groups.tolist(), columns=columns)
+        # rows inside the concatenation of the groups read
+        offset = np.concatenate([[0], np.cumsum(first[groups + 1] - first[groups])])
+        local = offset[np.searchsorted(groups, group_of)] + rows - first[group_of]
+        tables.append(table.take(pa.array(local)))
+        where.append(mine)
+    if not tables:
+        return pa.table({})
+    table = pa.concat_tables(tables, promote_options="default")
+    inverse = np.empty(len(file_rows), dtype=np.int64)
+    inverse[np.concatenate(where)] = np.arange(len(file_rows))
+    return table.take(pa.array(inverse))
+
+
+def list_shards(scores_uri: str) -> tuple[Any, list[str]]:
+    """(filesystem, the Parquet files under `scores_uri`, recursively, sorted)."""
+    import pyarrow.fs as pafs
+
+    fs, root = rfs.resolve(scores_uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return fs, sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
 
 def cluster_geometry(index: ShardIndex, arm_of: np.ndarray, n_arms: int) -> tuple[np.ndarray, np.ndarray]:

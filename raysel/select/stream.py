@@ -11,7 +11,7 @@
     apply_pass         each block's rows get status and reason from the plan; the workers write the ledger
     summarize_ledger   the manifest's counts, quarantine reasons, flags and cluster sizes, per block, merged
 
-The policies that cannot be planned on statistics (mig, bandit) or the semdedup step still select in
+The policies that cannot be planned on statistics (mig) or the semdedup step still select in
 memory on the driver (pipeline.select_pass), over the same assigned shards.
 """
 
