@@ -4,6 +4,7 @@ holds every input row once, bad lines and repeated ids included."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -105,3 +106,45 @@ def test_plan_apply_agrees_with_the_in_memory_bandit(corpus, ray_cluster, name):
         assert any(r["reason"].startswith("probed: loss ") for r in ledger)
     selected = pq.read_table(Path(config.output.path) / "selected")
     assert selected.num_rows == result.counts["selected"]
+
+
+def test_the_bandit_probes_with_lm_influence_end_to_end(corpus, ray_cluster):
+    """`probe_scorer: lm_influence` on the real SmolLM2 (its last block), Quad's preset with smaller rounds: the
+    probe scores are the scorer's own values for the probed texts, computed in the probe's actors."""
+    from raysel.config import ScorerConfig
+    from raysel.scorers.lm_influence import LMInfluenceScorer
+
+    rows = bbc_sample(48, seed=13, max_chars=200)
+    target = corpus / "target.jsonl"
+    write_jsonl(target, [r for r in bbc_sample(200, seed=1) if r["topic"] == "business"][:4])
+    probe = {
+        "name": "lm_influence",
+        "max_tokens": 16,
+        "batch_size": 4,
+        "params": {"target": str(target), "dim": 256, "layers": {"last": 1}},
+    }
+    params = {"preset": "quad", "probe_scorer": probe, "max_rounds": 3}
+    config = parse_config(_config(corpus, "out-lm-influence", params))
+    bandit_params = config.select.typed_params()
+    assert (bandit_params.alpha, bandit_params.radius, bandit_params.reward_scale) == (1e-4, 0.2, 1.0)  # Quad's
+    assert (bandit_params.per_arm, bandit_params.arms_per_round) == (2, 2)  # given beside the preset: they win
+    result = run(config)
+    bandit = result.manifest["selection"]["bandit"]
+    assert bandit["probe_scorer"] == "lm_influence" and bandit["rounds"] == 3
+    assert bandit["reward_scale"] == 1.0  # Quad's reward: the mean score minus an offset, not a z-score
+    assert bandit["examples_probed"] == bandit["probe_budget_rows"] == 11  # 4 + 4 + 3: floor(0.25 × 46 usable)
+    probed = json.loads(Path(bandit["state"]).read_text())["probe_scores"]
+    assert len(probed) == 11 and all(-1.0 <= s <= 1.0 for s in probed)  # cosines (LESS)
+
+    # The scorer run directly on every text of the corpus: each probe score is one of those.
+    scorer = LMInfluenceScorer(ScorerConfig(**probe), outputs=("lm_influence",))
+    texts = np.array([r["text"] for r in rows], dtype=object)
+    direct = scorer({"text": texts, "reason": np.array([""] * len(texts), dtype=object)})["lm_influence"]
+    matched = [int(np.argmin(np.abs(direct - s))) for s in probed]
+    assert np.allclose(direct[matched], probed, atol=1e-4)
+    assert result.counts["selected"] == int(np.floor(0.3 * len(_usable(config)) + 0.5))
+
+
+def _usable(config) -> list[dict]:
+    ledger = pq.read_table(Path(config.output.path) / "ledger").to_pylist()
+    return [r for r in ledger if r["status"] != "quarantined"]

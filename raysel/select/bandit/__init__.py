@@ -41,12 +41,18 @@ The output is a budget per cluster (`allocate`):
     plays     budget in proportion to how often the bandit played each cluster (each play draws a batch, as
               in Quad and EQUAL); the rounds stop when the plays have drawn the selection budget.
 Inside a cluster (`within`): `probe` keeps first the probed rows whose expensive score clears tau, then
-the unprobed rows by the cheap `select.score` (at random without one), and last the probed rows below the
-cut; `cheap` ranks by the cheap score alone.
+the unprobed rows by the cheap `select.score` (by a seeded hash of the id without one), and last the probed
+rows below the cut; `cheap` ranks by the cheap score alone.
+
+In the pipeline the policy is planned (`BanditPolicy.plan` / `apply`): the probe queues come from one pass
+over the candidate rows, the probed rows are decided on the driver and the others by an exact cut per
+cluster on the cheap score, so the driver never holds a row per row of the corpus. `BanditPolicy.select`
+is the same policy in memory: the slow reference. `preset: quad` sets Quad's values (docs/bandit.md).
 
 Modules: `algorithms` (the three bandit algorithms, neighbour credit, and the maths from probes to budgets),
 `allocator` (one run's rounds and the allocator actor that persists them), `policy` (the `bandit` selection
-policy), `probe` (scoring chosen rows with any registered scorer, in an actor pool).
+policy), `queues` (the probe queues, built in one pass over the candidate rows), `probe` (scoring chosen rows
+with any registered scorer, in an actor pool).
 """
 
 from raysel.select.bandit.algorithms import (

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raysel.config import ScorerConfig
 from raysel.errors import ConfigError
@@ -33,11 +33,29 @@ from raysel.select.plan import CutService, Eligible, Plan, SelectionStats, Step
 # --- the policy ----------------------------------------------------------------------------------------------
 
 
+# Quad's values (arXiv 2409.16986 and its reference code; docs/bandit.md): 50 clusters × 10 rows a round, the
+# reward the mean influence minus an offset (not divided by a spread), neighbour credit 1 − d / 0.2 within
+# centroid distance 0.2, UCB with α = 1e-4. Quad clusters its corpus into ~10,000 clusters (`cluster.k`).
+PRESETS: dict[str, dict[str, Any]] = {
+    "quad": {
+        "algorithm": "ucb",
+        "arms_per_round": 50,
+        "per_arm": 10,
+        "reward_scale": 1.0,
+        "share": "quad",
+        "radius": 0.2,
+        "alpha": 1e-4,
+    },
+}
+
+
 class BanditParams(BaseModel):
-    """Settings of the `bandit` policy (`select.params`)."""
+    """Settings of the `bandit` policy (`select.params`). `preset: quad` fills in Quad's values; a setting given
+    beside it wins."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    preset: Literal["quad"] | None = Field(None, description="quad: Quad's settings (docs/bandit.md)")
     algorithm: Literal["ucb", "exp3s", "thompson"] = "ucb"
     probe_scorer: ScorerConfig = Field(
         default_factory=lambda: ScorerConfig(name="loss"),
@@ -62,6 +80,13 @@ class BanditParams(BaseModel):
     allocate: Literal["estimate", "plays"] = "estimate"
     prior_strength: float = Field(2.0, ge=0, description="estimate: pseudo-rows shrinking a cluster's probe mean")
     within: Literal["probe", "cheap"] = "probe"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
 
     def round_settings(self) -> dict[str, Any]:
         """What determines the rounds (the key of the saved state): not the limits, not the allocation, not how
