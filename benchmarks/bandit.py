@@ -85,7 +85,7 @@ def _embeddings(scores_uri: str, ids: list[str]) -> np.ndarray:
     import pyarrow.dataset as pads
 
     from raysel.io import fs as rfs
-    from raysel.select.probe import embedding_matrix
+    from raysel.io.shards import embedding_matrix
 
     fs, path = rfs.resolve(scores_uri)
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["id", "embedding"])

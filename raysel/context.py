@@ -23,12 +23,14 @@ class RunContext:
         work_dir: the folder of this corpus's cached state (keyed like the scores): put artifacts that may
             be reused under it (a proxy model, bandit rounds), in sub-folders named by what determines them.
         files: the input files, for joining rows back to their original records.
+        centroids: pass 2's centroids [K, dim], unit norm (row c is cluster c); None before pass 2.
     """
 
     config: RunConfig
     scores_uri: str
     work_dir: str
     files: Sequence[Any] = field(default_factory=list)
+    centroids: np.ndarray | None = None
 
     def path(self, *parts: str) -> str:
         return rfs.join(self.work_dir, *parts)

@@ -9,10 +9,10 @@ pass 2  cluster   FAISS spherical k-means on a seeded sample of the embeddings (
                   assigned shards, without embeddings, kept in the work dir too).
 pass 3  select    repeated ids; the drop steps (semdedup, drop_noisy: raysel/select/drop.py) in Ray
                   tasks, writing shards where a dropped row carries its reason; then a planned policy
-                  (random, topk, threshold, stratified, hard_easy) plans on per-cluster statistics and
-                  finds its exact cuts in a few passes over the rows: the driver holds
-                  O(clusters × 256) counts, never a row per row. The others (mig, bandit) collect ids,
-                  clusters and scores on the driver, up to a limit.
+                  (random, topk, threshold, stratified, hard_easy, bandit, ...) plans on per-cluster
+                  statistics and finds its exact cuts in a few passes over the rows: the driver
+                  holds O(clusters × 256) counts (and the bandit's probe queues), never a row per
+                  row. The others (mig) collect ids, clusters and scores on the driver, up to a limit.
 pass 4  write     OUT/ledger (one row per input row; written by the workers for a planned policy),
                   OUT/selected (the chosen rows joined back to their original records, per input
                   file, in tasks), OUT/manifest.json, and OUT/_SUCCESS last.
@@ -27,7 +27,7 @@ import platform
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -147,15 +147,15 @@ def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, tim
         return _commit_all_quarantined(config, files, sink, assigned, timings, reuse)
     policy = POLICIES[config.select.policy](config.select)
     plan = None
+    context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), score_key), files, centroids)
     with _timed(timings, "select"):
         repeats = repeated_ids(assigned)
         drops = drop_pass(config, assigned_uri=assigned, repeats=repeats, scores_uri=scores_uri, centroids=centroids)
         if streams(config):
-            plan, info = plan_pass(config, policy, drops, repeats)
-        else:  # a policy that is greedy over rows or probes them: in memory, on the driver
+            plan, info = plan_pass(config, policy, drops, repeats, context)
+        else:  # a policy that is greedy over rows: in memory, on the driver
             _check_driver_rows(config, rfs.parquet_rows(drops.uri))
             table = collect_rows(drops.uri)
-            context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), score_key), files)
             table, info = select_pass(config, table, context)
             info.update(drops.info)
     with _timed(timings, "write"):
@@ -170,12 +170,14 @@ def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, tim
     return RunResult(config.output.path, manifest, manifest["counts"])
 
 
-def plan_pass(config: RunConfig, policy: Policy, drops: Dropped, repeats: Repeats) -> tuple[Plan, dict[str, Any]]:
+def plan_pass(
+    config: RunConfig, policy: Policy, drops: Dropped, repeats: Repeats, context: RunContext | None = None
+) -> tuple[Plan, dict[str, Any]]:
     """Pass 3 for a planned policy: per-cluster statistics of the rows left after the drop steps, then the
     policy's plan, its cuts found in a few passes over the candidate columns (raysel/select/stream.py). The budget
     is a fraction of the candidates before the drop steps, capped at the rows left. Returns (plan, summary)."""
-    runner = candidate_runner(drops.uri, repeats, config.score_columns)
-    stats = selection_stats(runner)
+    runner = candidate_runner(drops.uri, repeats, [*config.score_columns, *policy.reads])
+    stats = replace(selection_stats(runner), context=context)
     before = stats.usable if drops.candidates is None else drops.candidates
     budget = min(budget_rows(config.select.budget, before), stats.usable)
     cuts = CutService(runner)
@@ -189,7 +191,7 @@ def streams(config: RunConfig) -> bool:
     return POLICIES[config.select.policy].plan is not Policy.plan
 
 
-# The in-memory selection (mig, bandit) holds about 0.5 KB a row on the driver: 10M rows is ~5 GB. A policy may state
+# The in-memory selection (mig) holds about 0.5 KB a row on the driver: 10M rows is ~5 GB. A policy may state
 # a lower, measured limit of its own (`row_limit`: raysel/select/mig.py).
 MAX_DRIVER_ROWS = int(os.environ.get("RAYSEL_MAX_DRIVER_ROWS", 10_000_000))
 
@@ -421,7 +423,7 @@ def cluster_pass(config: RunConfig, scores_uri: str, key: str) -> tuple[np.ndarr
 
 def collect_rows(assigned_uri: str) -> pa.Table:
     """Every row's id, provenance, scores and cluster on the driver, sorted by id: the in-memory path, for the
-    policies without a plan (mig, bandit). O(rows) driver memory (about 0.5 KB a row)."""
+    policies without a plan (mig). O(rows) driver memory (about 0.5 KB a row)."""
     tables = [t for t in read_shards(assigned_uri).iter_batches(batch_format="pyarrow", batch_size=None)]
     table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
     table = table.sort_by([("id", "ascending"), ("source", "ascending"), ("row", "ascending")])
@@ -476,6 +478,7 @@ def select_pass(
         },
         labels=_column(table, "label", usable),
         context=context,
+        centroid_sim=_column(table, "centroid_sim", usable),
     )
     budget = min(budget, len(candidates))
     policy = POLICIES[config.select.policy](config.select)

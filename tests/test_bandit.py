@@ -350,7 +350,7 @@ def test_state_key_ignores_limits_allocation_and_pool_size():
     assert BanditPolicy(cfg)._state_key(other, cfg.typed_params()) != base
 
 
-# --- reading the scored shards (raysel/select/probe.py) -------------------------------------------------------------
+# --- reading the scored shards (raysel/io/shards.py) -------------------------------------------------------------
 
 
 def _shards(tmp_path, rng):
@@ -379,7 +379,7 @@ def _shards(tmp_path, rng):
 
 
 def test_shard_index_reads_rows_by_id_in_the_asked_order(tmp_path):
-    from raysel.select.probe import ShardIndex, cluster_geometry, embedding_matrix
+    from raysel.io.shards import ShardIndex, cluster_geometry, embedding_matrix
 
     rng = np.random.default_rng(0)
     folder, rows = _shards(tmp_path, rng)
@@ -411,7 +411,7 @@ def test_shard_index_reads_rows_by_id_in_the_asked_order(tmp_path):
 
 def test_shard_index_names_missing_ids(tmp_path):
     from raysel.errors import InputError
-    from raysel.select.probe import ShardIndex
+    from raysel.io.shards import ShardIndex
 
     folder, _ = _shards(tmp_path, np.random.default_rng(1))
     with pytest.raises(InputError, match=r"2 candidate ids \(e.g. 'r07'\) are not among the usable rows"):

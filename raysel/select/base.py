@@ -35,6 +35,7 @@ class Candidates:
     scores: dict[str, np.ndarray]
     labels: np.ndarray | None = None  # the corpus's label column, when it has one (class-aware policies)
     context: RunContext | None = None  # the run's shards and work dir, for policies that read embeddings or probe
+    centroid_sim: np.ndarray | None = None  # each row's cosine to its pass-2 centroid (the bandit's nearest rows)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -114,9 +115,10 @@ class Policy:
     scale, `plan` and `apply` (raysel/select/plan.py): then the pipeline never holds a row per row.
 
     `select` stays as the in-memory form: the slow reference the plan/apply form is tested against, and the
-    only form of the policies that are greedy over rows (mig) or probe rows (bandit)."""
+    only form of the policies that are greedy over rows (mig)."""
 
     needs_score: ClassVar[bool] = True
+    reads: ClassVar[tuple[str, ...]] = ()  # columns of the assigned shards plan/apply read beyond ids, clusters, scores
 
     def __init__(self, config: SelectConfig) -> None:
         self.config = config

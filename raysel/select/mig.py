@@ -177,7 +177,7 @@ class MIGPolicy(Policy):
     )
 
     def select(self, candidates: Candidates, budget: int) -> Selection:
-        from raysel.select.probe import ShardIndex, cluster_geometry, embedding_matrix
+        from raysel.io.shards import ShardIndex, cluster_geometry, embedding_matrix
 
         params: MIGParams = self.config.typed_params()
         context = candidates.context

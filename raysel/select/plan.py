@@ -15,11 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
 from raysel.select.cuts import NONE, Cut, CutFinder, cut_score, decide, float_key, histogram, id_hash
+
+if TYPE_CHECKING:
+    from raysel.context import RunContext
 
 
 @dataclass(frozen=True)
@@ -29,18 +32,23 @@ class SelectionStats:
     Attributes:
         usable: candidate rows (not quarantined, repeated ids removed).
         cluster_sizes: candidate rows per cluster id.
+        context: the run's shards, input files, work dir and pass-2 centroids, for a policy that reads more
+            than the candidate columns (the bandit probes rows); None outside a run.
     """
 
     usable: int
     cluster_sizes: dict[int, int]
+    context: RunContext | None = None
 
 
 @dataclass(frozen=True)
 class Eligible:
-    """Which candidates a step ranks: all, those passing a threshold, and/or those no earlier step kept."""
+    """Which candidates a step ranks: all, those passing a threshold, and/or those no earlier step kept, and/or
+    those whose id the driver decided itself (the bandit's probed rows: bounded by its probe budget)."""
 
     threshold: float | None = None  # with the step's score and order: passing = at or beyond it
     not_kept_by: tuple[int, ...] = ()  # indices of earlier steps
+    not_ids: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,8 @@ def eligible_rows(step: Step, batch: dict[str, np.ndarray], kept_before: list[np
         rows &= step.passing(batch)
     for i in step.eligible.not_kept_by:
         rows &= ~kept_before[i]
+    if step.eligible.not_ids:
+        rows &= np.fromiter((i not in step.eligible.not_ids for i in batch["id"]), dtype=bool, count=len(rows))
     return rows
 
 

@@ -110,7 +110,7 @@ def drop_near_duplicates(candidates: Candidates, context: Any, config: SelectCon
     """Run SemDedup over the candidates (see the module docstring); needs the run context for the embeddings."""
     import ray
 
-    from raysel.select.probe import ShardIndex, embedding_matrix
+    from raysel.io.shards import ShardIndex, embedding_matrix
 
     if config.semdedup is None:
         raise ConfigError("select.semdedup is not set")

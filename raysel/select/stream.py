@@ -14,7 +14,7 @@
 
 Drop steps (semdedup, drop_noisy: raysel/select/drop.py) run between the repeated ids and the statistics;
 every pass after them reads their shards, where a row with a `dropped` reason is no candidate and the apply
-pass rejects it with that reason. The policies that cannot be planned on statistics (mig, bandit) still
+pass rejects it with that reason. The policies that cannot be planned on statistics (mig) still
 select in memory on the driver (pipeline.select_pass), over the same shards.
 """
 
