@@ -156,13 +156,16 @@ def bandit_policy(raw: dict) -> dict:
     }
 
 
-def train_proxy(config, folder: Path, seed: int) -> dict:
-    """The eval's small LM trained on a seeded 10 % sample of the train pool, saved where the scorers read it."""
+def train_proxy(config, folder: Path, seed: int, tokens: int) -> dict:
+    """The eval's small LM (its tokenizer and shape) trained for `tokens` on a seeded 10 % sample of the train
+    pool, saved where the scorers read it."""
     from raysel.eval import _small_lm, prepare_splits
 
     if (folder / "config.json").exists():
         return json.loads((folder / "proxy.json").read_text())
     _, train, test = prepare_splits(config)
+    lm = config.downstream.lm.model_copy(update={"tokens": tokens})
+    config = config.model_copy(update={"downstream": config.downstream.model_copy(update={"lm": lm})})
     small = _small_lm(config, train, test)
     sample = random.Random(seed).sample(list(train.texts), max(1, len(train) // 10))
     model, stats = small.train(sample, seed)
@@ -190,6 +193,26 @@ def middle_band_ids(scores_uri: str, ids: np.ndarray, budget: float) -> np.ndarr
     return np.sort(ids[np.argsort(distance, kind="stable")[:n]])
 
 
+def selected_ids(eval_out: Path, policy: str, budget: float, seed: int = 0) -> np.ndarray:
+    """The ids a pipeline arm selected (its ledger's `selected` rows)."""
+    import pyarrow.dataset as pads
+
+    ledger = pads.dataset(
+        eval_out / "runs" / policy / f"budget-{budget}" / f"seed-{seed}" / "ledger", format="parquet"
+    )
+    table = ledger.to_table(columns=["id", "status"])
+    status = table.column("status").to_numpy(zero_copy_only=False)
+    return table.column("id").to_numpy(zero_copy_only=False)[status == "selected"]
+
+
+def mix(ids, label_of: dict) -> dict[str, float]:
+    """Share of each source in a selection, largest first."""
+    counts: dict[str, int] = {}
+    for i in ids:
+        counts[label_of[i]] = counts.get(label_of[i], 0) + 1
+    return {k: round(v / max(1, len(ids)), 3) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
 def manifests(eval_out: Path) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for p in sorted((eval_out / "runs").rglob("manifest.json")):
@@ -205,6 +228,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25])
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=None, help="training tokens per arm (default: the config's)")
+    ap.add_argument("--proxy-tokens", dest="proxy_tokens", type=int, default=60_000, help="the proxy LM's tokens")
     ap.add_argument("--k", type=int, default=None, help="clusters (default: the config's)")
     ap.add_argument("--small", action="store_true", help="a quick check: 2,000 texts, a tinier LM, 1 seed")
     ap.add_argument("--hidden", type=int, default=None, help="the small LM's width (default: the config's)")
@@ -227,7 +251,7 @@ def main() -> None:
     composition = build_pool(data, args.pool, args.target, seed=0)
     print(f"pool: {composition}", flush=True)
     config, raw = eval_config(out, args)
-    proxy = train_proxy(config, out / "proxy-lm", seed=1234)
+    proxy = train_proxy(config, out / "proxy-lm", seed=1234, tokens=args.proxy_tokens)
     print(f"proxy LM: {proxy}", flush=True)
 
     notes = []
@@ -263,8 +287,12 @@ def main() -> None:
     scores_uri = first["reuse"]["scores"]["uri"]
     rows = result.results.to_pylist()
     usable = np.array(sorted(r for r in train.ids.tolist()), dtype=object)
+    mixes = {}
     for budget in args.budgets:
         chosen = middle_band_ids(scores_uri, usable, budget)
+        mixes[f"perplexity-middle@{budget}"] = mix(chosen, label_of)
+        for policy in {r["policy"] for r in rows} - {"full"}:
+            mixes[f"{policy}@{budget}"] = mix(selected_ids(out / "eval", policy, budget), label_of)
         for seed in config.seed_list:
             start = time.perf_counter()
             measured = small.train_and_measure([text_of[i] for i in chosen], seed)
@@ -287,7 +315,7 @@ def main() -> None:
     result = write_results(config, rows, n_train=len(train), n_test=len(test), classes=classes)
 
     summary = summarize_arms(out, result, len(usable), args.budgets)
-    summary |= {"composition": composition, "proxy_lm": proxy, "notes": notes}
+    summary |= {"composition": composition, "proxy_lm": proxy, "notes": notes, "selection_mix": mixes}
     summary["texts_per_s"] = scorer_rates(config, list(train.texts[:512]))
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     summary["goals"] = check_goals(summary["arms"], args.budgets)
