@@ -35,8 +35,8 @@ Downstream models:
 
 Output (in `output`): results.parquet (one row per policy, budget, seed), summary.parquet and
 results.md (mean ± std per policy and budget, and how the best policy compares with random and full),
-accuracy_vs_budget.png, eval.json, and runs/<policy>/<budget>/<seed>/ (each selection's own output,
-reused when the eval is run again with the same settings).
+accuracy_vs_budget.png (target_loss_vs_budget.png for `lm`), eval.json, and runs/<policy>/<budget>/<seed>/
+(each selection's own output, reused when the eval is run again with the same settings).
 """
 
 from __future__ import annotations
@@ -780,9 +780,6 @@ def plot_metric(summary: pa.Table, path: str, title: str, metric: Metric = CLASS
     fig.savefig(buf, format="png", dpi=110)
     with fs.open_output_stream(fpath) as f:
         f.write(buf.getvalue())
-
-
-plot_accuracy = plot_metric  # the name it had before the `lm` downstream
 
 
 def write_results(
