@@ -254,6 +254,14 @@ def main() -> None:
     proxy = train_proxy(config, out / "proxy-lm", seed=1234, tokens=args.proxy_tokens)
     print(f"proxy LM: {proxy}", flush=True)
 
+    for attempt in range(4):  # a busy host can miss Ray's 30-second node start-up wait: try again
+        try:
+            init_ray(config.ray.address)
+            break
+        except Exception as err:  # Ray raises a bare Exception for it
+            if attempt == 3 or "timed out during startup" not in str(err):
+                raise
+            print(f"Ray did not start ({err}); trying again", flush=True)
     notes = []
     if not args.no_bandit and not args.skip_eval:
         # Preflight: the bandit arm's first selection. A refusal (e.g. a probe scorer the policy does not run
@@ -261,7 +269,6 @@ def main() -> None:
         from raysel.eval import PolicySpec, _selected_ids
         from raysel.io import fs as rfs
 
-        init_ray(config.ray.address)
         bandit = PolicySpec(**bandit_policy(raw))
         train_uri, _, _ = prepare_splits(config)
         run_out = rfs.join(config.output, "runs", "bandit-influence", f"budget-{args.budgets[0]}", "seed-0")
