@@ -298,7 +298,7 @@ def main() -> None:
     for budget in args.budgets:
         chosen = middle_band_ids(scores_uri, usable, budget)
         mixes[f"perplexity-middle@{budget}"] = mix(chosen, label_of)
-        for policy in {r["policy"] for r in rows} - {"full"}:
+        for policy in sorted(p.name for p in (out / "eval" / "runs").iterdir()):  # the pipeline's arms
             mixes[f"{policy}@{budget}"] = mix(selected_ids(out / "eval", policy, budget), label_of)
         for seed in config.seed_list:
             start = time.perf_counter()
