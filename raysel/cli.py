@@ -203,7 +203,7 @@ def eval_(
       policies: [{select: {policy: topk, score: entropy, order: desc}}]     # random and full are added
       budgets:  [0.05, 0.1, 0.25, 0.5]
       seeds:    3
-      downstream: {model: logreg}                                            # or finetune
+      downstream: {model: logreg}                                            # or finetune, or lm
     Writes OUT/results.md, results.parquet, summary.parquet and accuracy_vs_budget.png.
     """
     from raysel.eval import load_eval_config, run_eval

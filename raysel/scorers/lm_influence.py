@@ -40,7 +40,7 @@ from raysel.io import fs as rfs
 from raysel.models import load_causal_lm, model_fingerprint, pick_device, set_threads
 from raysel.registry import register_scorer
 from raysel.scorers._logra import KroneckerProjector, Whitening
-from raysel.scorers.lm import pad_batch
+from raysel.scorers.lm import CHUNK_BYTES, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ class LMGradients:
         seed: fixes the projection.
         max_tokens: tokens per text, the BOS token included; longer texts are cut.
         batch_size: texts per forward+backward pass.
+        chunk_bytes: float32 logits per chunk of positions (raysel/scorers/lm.py).
 
     Example:
         >>> grads = LMGradients(model, tokenizer, layers=LastBlocks(last=2), dim=8192, seed=0)   # doctest: +SKIP
@@ -171,11 +172,12 @@ class LMGradients:
         seed: int,
         max_tokens: int = 128,
         batch_size: int = 16,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         for p in model.parameters():
             p.requires_grad_(False)  # δ flows through activations only: no weight gradient is ever formed
         self.model, self.tokenizer = model, tokenizer
-        self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.max_tokens, self.batch_size, self.chunk_bytes = max_tokens, batch_size, chunk_bytes
         blocks = decoder_blocks(model)
         indices = pick_blocks(layers, len(blocks))
         self.block_indices = indices
@@ -223,25 +225,53 @@ class LMGradients:
         finally:
             handle.remove()
 
+    def _nll_sums(self, input_ids, mask, targets):
+        """[B] summed next-token NLL per text (fp32). The LM head runs on a chunk of positions at a time under
+        activation checkpointing: no [B, T, V] logits (or their softmax) are kept for the backward pass."""
+        import torch
+        from torch.utils.checkpoint import checkpoint
+
+        from raysel.scorers.lm import chunk_positions, split_head
+
+        parts = split_head(self.model)
+        if parts is None:  # logits rescaled after the head: the whole forward, as transformers computes it
+            logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            return _chunk_nll(lambda h: h, logits, targets)
+        body, head = parts
+        hidden = body(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        step = chunk_positions(input_ids.shape[0], self.model.config.vocab_size, self.chunk_bytes)
+        total = hidden.new_zeros(input_ids.shape[0], dtype=torch.float32)
+        for start in range(0, input_ids.shape[1] - 1, step):
+            stop = min(input_ids.shape[1] - 1, start + step)
+            total = total + checkpoint(
+                _chunk_nll, head, hidden[:, start:stop], targets[:, start:stop], use_reentrant=False
+            )
+        return total
+
     def _batch(self, seqs: list[list[int]]) -> np.ndarray:
         import torch
 
         input_ids, mask = pad_batch(seqs, self.pad)
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        # Position t predicts token t+1; the last position and padding predict nothing (ignored).
+        targets = torch.full_like(input_ids, -100)
+        targets[:, :-1] = torch.where(mask[:, 1:] > 0, input_ids[:, 1:], -100)
+        counts = (targets >= 0).sum(1).clamp(min=1).to(torch.float32)
         with torch.enable_grad(), self.projector.capture(mask), self._leaf_at_first_block():
-            logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
-            # Position t predicts token t+1; the last position and padding predict nothing (ignored). Shifting
-            # the targets, not the logits, keeps the [B·T, V] view free of a copy.
-            targets = torch.full_like(input_ids, -100)
-            targets[:, :-1] = torch.where(mask[:, 1:] > 0, input_ids[:, 1:], -100)
-            nll = torch.nn.functional.cross_entropy(
-                logits.view(-1, logits.shape[-1]), targets.view(-1), reduction="none"
-            ).view(input_ids.shape)
-            counts = (targets >= 0).sum(1).clamp(min=1).to(nll.dtype)
+            nll_sum = self._nll_sums(input_ids, mask, targets)
             # Σ of per-text means: each text's δ is that of its own mean loss, whatever shares its batch.
-            (nll.sum(1) / counts).sum().backward()
+            (nll_sum / counts).sum().backward()
             feats = self.projector.features()
         return feats.detach().cpu().numpy()
+
+
+def _chunk_nll(head, hidden, targets):
+    """[B] summed NLL of one chunk of positions: float32 log-softmax of head(hidden) [B, c, V] at `targets`."""
+    import torch
+
+    logits = head(hidden).float()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return nll.view(targets.shape).sum(1)
 
 
 class TargetReference:

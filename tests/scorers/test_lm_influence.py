@@ -135,6 +135,9 @@ def test_features_equal_per_text_autograd_through_a_dense_kronecker_projection(t
     ref = reference_features(scorer, POOL)
     assert tokens.tolist() == [min(len(t.split()), 11) for t in POOL]
     np.testing.assert_allclose(feats, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    # the LM head one position at a time (checkpointed chunks): the same gradients
+    scorer.gradients.chunk_bytes = 1
+    np.testing.assert_allclose(scorer.gradients(POOL)[0], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize(
