@@ -6,7 +6,7 @@ randomly-initialised local models (a 2-layer BERT encoder and a 2-layer Llama wi
 tokenizers): the driver's memory does not depend on the models' size, only the run time does.
 The rows are short synthetic texts made from real BBC sentences, repeated and perturbed.
 
-    python benchmarks/memory.py [--sizes 10000 100000 1000000] [--policy stratified] [--k 64] [--out RESULTS.md]
+    python benchmarks/memory.py [--sizes 10000 100000 1000000] [--policy stratified|random|bandit] [--k 64] [--out RESULTS.md]
 
 With `--no-lm` the rows carry a synthetic `quality` field (input.score_fields), so that the scored policies
 (`stratified`, `topk`) have a score to rank by without the LM stage. The work dir of each size is kept under
@@ -110,6 +110,11 @@ def measure(corpus: Path, enc: Path, lm: Path, work: Path, policy: str, k: int) 
     with_lm = os.environ.get(LM_ENV, "1") == "1"
     lm_stage = {"name": "entropy", "model": str(lm), "batch_size": 128, "max_tokens": 32}
     score = "entropy" if with_lm else "quality"
+    # bandit: a cheap probe (the tiny LM's loss) on at most 8 rows × 16 clusters × 8 rounds, so that the table
+    # shows what the planned bandit costs the driver, not what an expensive scorer costs the probe actors.
+    probe = {"name": "loss", "model": str(lm), "batch_size": 64, "max_tokens": 32}
+    bandit = {"params": {"probe_scorer": probe, "per_arm": 8, "arms_per_round": 16, "max_rounds": 8}}
+    extra = bandit if policy == "bandit" else {}
     cfg = parse_config(
         {
             "input": {"path": str(corpus), **({} if with_lm else {"score_fields": ["quality"]})},
@@ -117,7 +122,7 @@ def measure(corpus: Path, enc: Path, lm: Path, work: Path, policy: str, k: int) 
             "embed": {"model": str(enc), "batch_size": 256, "max_tokens": 32},
             "scorers": [lm_stage] if with_lm else [],
             "cluster": {"k": k},
-            "select": {"budget": 0.1, "policy": policy, **({} if policy == "random" else {"score": score})},
+            "select": {"budget": 0.1, "policy": policy, **({} if policy == "random" else {"score": score}), **extra},
             "work_dir": str(work),
         }
     )

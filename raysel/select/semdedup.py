@@ -227,7 +227,7 @@ def _assigned(table: pa.Table, centroids: np.ndarray, repeats: Repeats, candidat
     """The block's candidate rows (with the embedding) or its other rows (without, `dropped` ""), each with its
     cluster and the cosine to its centroid, as pass 2's assign_pass gives them."""
     from raysel.cluster import assign
-    from raysel.select.probe import embedding_matrix
+    from raysel.io.shards import embedding_matrix
     from raysel.select.stream import with_repeats
 
     reasons = table.column("reason").to_numpy(zero_copy_only=False)
@@ -257,7 +257,7 @@ def _dedup_group(group: pa.Table, threshold: float, score: str | None, order: st
         best = np.arange(n)
     reasons = np.full(n, "", dtype=object)
     if n >= 2:
-        from raysel.select.probe import embedding_matrix
+        from raysel.io.shards import embedding_matrix
 
         ids = group.column("id").to_numpy(zero_copy_only=False)
         dup_of, cos = dedup_cluster(embedding_matrix(group.column("embedding"))[best], threshold)
