@@ -81,12 +81,22 @@ class LocalCluster:
             (f"127.0.0.{3 + i}", cpus, False) for i, cpus in enumerate(self.worker_cpus)
         ]
         for count, (ip, cpus, head) in enumerate(nodes, start=1):
-            for attempt in range(attempts):
-                self._start_node(ip, cpus, head=head)
-                if self._wait_nodes(count, timeout, self.nodes[ip]):
-                    break
-                if attempt == attempts - 1:
-                    raise RuntimeError(f"node {ip} did not join in {attempts} tries; logs in {self.root}")
+            self._join(ip, cpus, head, count, timeout, attempts)
+
+    def _join(self, ip: str, cpus: int, head: bool, count: int, timeout: float, attempts: int) -> None:
+        for attempt in range(attempts):
+            self._start_node(ip, cpus, head=head)
+            if self._wait_nodes(count, timeout, self.nodes[ip]):
+                return
+            if attempt == attempts - 1:
+                raise RuntimeError(f"node {ip} did not join in {attempts} tries; logs in {self.root}")
+
+    def add_worker(self, cpus: int, timeout: float = 180, attempts: int = 3) -> str:
+        """Start one more worker node, as an autoscaler adds a machine, and wait until it is alive; its address."""
+        ip = f"127.0.0.{3 + len(self.worker_cpus)}"
+        self.worker_cpus = (*self.worker_cpus, cpus)
+        self._join(ip, cpus, False, 1 + len(self.worker_cpus), timeout, attempts)
+        return ip
 
     def _wait_nodes(self, count: int, timeout: float, node: subprocess.Popen) -> bool:
         deadline = time.monotonic() + timeout
