@@ -2,6 +2,7 @@
 on a real multi-node cluster on this machine (a head with no CPUs, one 2-CPU worker, a 3-CPU one added mid-run)."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -93,6 +94,11 @@ print("scores:", score_pass(config, list_input(config.input))[0])
 """
 
 
+# It runs 5-19 minutes on this 2-core host and Ray 2.60 has not passed it yet: outside the default suite, on request.
+@pytest.mark.skipif(
+    os.environ.get("RAYSEL_ELASTIC_TEST") != "1",
+    reason="set RAYSEL_ELASTIC_TEST=1: a node joining mid-run, 5-19 min here, and the pool has not grown onto it yet",
+)
 @pytest.mark.xfail(
     strict=True,
     reason="Ray 2.60 kept the pool at one actor after a 3-CPU node joined (two runs here): Ray Data's budget for it "

@@ -116,7 +116,8 @@ class _ScorerPool:
             scheduling_strategy="SPREAD",
             **RESTARTABLE_ACTOR,
         )(ScorerHost)
-        self.actors = [host.remote(cls, scorer, prepared) for _ in range(scorer.actors)]
+        # A plain ActorPool does not grow: an elastic `actors: {min, max}` starts the actors it can count on.
+        self.actors = [host.remote(cls, scorer, prepared) for _ in range(scorer.pool_size[0])]
         self.pool = ActorPool(self.actors)
 
     @property
