@@ -370,6 +370,9 @@ def read_corpus(files: list[InputFile], config: Any, skip_rows: dict | None = No
 
 def write_shards(ds: Any, uri: str, rows: int) -> None:
     """Write `ds` as Parquet shards of at least `rows` rows (the last may be smaller), each committed whole."""
+    # In input order, not the order blocks finish in: the same input gives the same shards, and with them the same
+    # ledger files on the same layout (tests/test_determinism.py).
+    ds.context.execution_options.preserve_order = True
     fs, path = rfs.resolve(uri)
     ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows, ray_remote_args={"num_cpus": IO_TASK_CPUS})
 

@@ -219,6 +219,9 @@ def apply_pass(assigned_uri: str, repeats: Repeats, policy: Any, plan: Plan, led
         batch_format="numpy",
         num_cpus=IO_TASK_CPUS,
     )
+    # Blocks reach the writers in input order, not in the order they finish: the same input and layout give the
+    # same ledger files, byte for byte (tests/test_determinism.py).
+    ds.context.execution_options.preserve_order = True
     fs, path = rfs.resolve(ledger_uri)
     # "overwrite": Ray then accepts names without its random write id; the folder is this run's staging folder.
     ds.write_parquet(
