@@ -36,6 +36,6 @@ def register_scorer(*names: str) -> Callable[[type], type]:
 
 
 # lm registers entropy, loss, el2n_lm; lm_influence the LM-gradient influence; the others are proxy-based.
-from raysel.scorers import classifier_entropy, el2n, influence, lm, lm_influence, vog  # noqa: E402,F401
+from raysel.scorers import aum, classifier_entropy, el2n, influence, lm, lm_influence, vog  # noqa: E402,F401
 
 __all__ = ["SCORERS", "register_scorer"]
