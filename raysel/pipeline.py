@@ -168,7 +168,7 @@ def plan_pass(config: RunConfig, policy: Policy, assigned: str) -> tuple[Plan, R
     """Pass 3 for a planned policy: repeated ids, per-cluster statistics, then the policy's plan, its cuts found
     in a few passes over the candidate columns (raysel/select/stream.py). Returns (plan, repeats, summary)."""
     repeats = repeated_ids(assigned)
-    runner = RayBlocks(assigned, repeats, config.score_columns)
+    runner = RayBlocks(assigned, repeats, config.score_columns, labels=config.input.label_field is not None)
     stats = selection_stats(runner)
     budget = budget_rows(config.select.budget, stats.usable)
     cuts = CutService(runner)

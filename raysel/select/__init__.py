@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from raysel.config import SelectConfig
-from raysel.select.plan import CutService, Eligible, Plan, SelectionStats, Step
+from raysel.select.plan import CutService, Eligible, Plan, SelectionStats, Step, label_groups
 
 if TYPE_CHECKING:
     from raysel.context import RunContext
@@ -101,22 +102,63 @@ def largest_remainder(weights: np.ndarray, total: int, caps: np.ndarray) -> np.n
     return quotas
 
 
+# --- budgets per group: per cluster (the default) or per label (class-balanced) ------------------------------
+
+Balance = Literal["cluster", "label"]
+
+
+def candidate_groups(candidates: Candidates, group_by: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(group id per candidate, the sorted labels) for a grouping by "cluster", "label" or "all"; the ids agree
+    with those of a planned `Step` with the same grouping (SelectionStats.group_sizes)."""
+    if group_by == "cluster":
+        return np.asarray(candidates.cluster, dtype=np.int64), ()
+    if group_by == "label":
+        if candidates.labels is None:
+            raise ValueError("grouping by label needs the corpus's label column: set input.label_field")
+        labels = tuple(sorted({"" if v is None else str(v) for v in candidates.labels}))
+        return label_groups(candidates.labels, labels), labels
+    return np.zeros(len(candidates), dtype=np.int64), ()
+
+
+def proportional_quotas(sizes: dict[int, int], budget: int) -> dict[int, int]:
+    """Each group's share of `budget` in proportion to its size (largest remainder, capped at the size)."""
+    groups = sorted(sizes)
+    counts = np.array([sizes[g] for g in groups], dtype=np.int64)
+    return dict(zip(groups, largest_remainder(counts, budget, caps=counts).tolist(), strict=True))
+
+
+def group_name(group_by: str, group: int, labels: tuple[str, ...]) -> str:
+    """How a reason names a group: "cluster 3", "label 'sport'"."""
+    if group_by == "label":
+        return f"label {labels[group]!r}" if 0 <= group < len(labels) else "an unknown label"
+    return f"cluster {group}" if group_by == "cluster" else "the corpus"
+
+
 def take_within_clusters(
-    candidates: Candidates, quotas: dict[int, int], score: str | None, order: str, seed: int = 0
+    candidates: Candidates,
+    quotas: dict[int, int],
+    score: str | None,
+    order: str,
+    seed: int = 0,
+    *,
+    group_by: str = "cluster",
 ) -> Selection:
-    """Keep the best `quotas[c]` rows of each cluster c by `score` (random when score is None)."""
+    """Keep the best `quotas[c]` rows of each cluster c by `score` (random when score is None); with
+    `group_by="label"`, of each label (quotas keyed by the label's index among the sorted labels)."""
     selected = np.zeros(len(candidates), dtype=bool)
     reasons = np.empty(len(candidates), dtype=object)
     rng = np.random.default_rng(seed)
-    for c in np.unique(candidates.cluster):
-        members = np.flatnonzero(candidates.cluster == c)
+    groups, labels = candidate_groups(candidates, group_by)
+    for c in np.unique(groups):
+        members = np.flatnonzero(groups == c)
         q = int(quotas.get(int(c), 0))
         if score is None:
             best = members[rng.permutation(len(members))]
         else:
             best = members[rank(candidates.scores[score][members], order)]
         selected[best[:q]] = True
-        reasons[best[q:]] = f"outside the {q} kept in cluster {c}" + ("" if score is None else f" by {score}")
+        where = group_name(group_by, int(c), labels)
+        reasons[best[q:]] = f"outside the {q} kept in {where}" + ("" if score is None else f" by {score}")
     reasons[selected] = ""
     return Selection(selected, reasons, {"quotas": {int(c): int(q) for c, q in quotas.items()}})
 
@@ -233,39 +275,56 @@ class ThresholdPolicy(Policy):
         score, thr = self.config.score, self.config.threshold
         passing = plan.steps[0].passing(batch)
         side = "below" if self.config.order == "desc" else "above"
-        reasons = np.where(kept, "", np.where(passing, "passed the threshold, over the budget", f"{score} {side} {thr}"))
+        reasons = np.where(
+            kept, "", np.where(passing, "passed the threshold, over the budget", f"{score} {side} {thr}")
+        )
         values = np.asarray(batch[score], dtype=np.float64)
         return kept, _unscored(values, reasons, kept, score, "unscored by {score}").astype(object)
 
 
+class StratifiedParams(BaseModel):
+    """Settings of the `stratified` policy (`select.params`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    balance: Balance = Field(
+        "cluster",
+        description="split the budget in proportion to the clusters' sizes, or to the labels' (class-balanced: for "
+        "labelled corpora whose clusters do not follow the labels)",
+    )
+
+
 @register_policy("stratified")
 class StratifiedPolicy(Policy):
-    """Each cluster gets budget in proportion to its size; inside a cluster, the best rows by `score`."""
+    """Each cluster (or, with `balance: label`, each label) gets budget in proportion to its size; inside it,
+    the best rows by `score`."""
+
+    Params = StratifiedParams
 
     def select(self, candidates: Candidates, budget: int) -> Selection:
-        clusters, sizes = np.unique(candidates.cluster, return_counts=True)
-        quotas = largest_remainder(sizes, budget, caps=sizes)
-        return take_within_clusters(
-            candidates,
-            dict(zip(clusters.tolist(), quotas.tolist(), strict=True)),
-            self.config.score,
-            self.config.order,
-        )
+        balance = self.config.typed_params().balance
+        groups, _ = candidate_groups(candidates, balance)
+        ids, sizes = np.unique(groups, return_counts=True)
+        quotas = proportional_quotas(dict(zip(ids.tolist(), sizes.tolist(), strict=True)), budget)
+        return take_within_clusters(candidates, quotas, self.config.score, self.config.order, group_by=balance)
 
     def plan(self, stats: SelectionStats, budget: int, cuts: CutService) -> Plan:
-        clusters = sorted(stats.cluster_sizes)
-        sizes = np.array([stats.cluster_sizes[c] for c in clusters], dtype=np.int64)
-        quotas = dict(zip(clusters, largest_remainder(sizes, budget, caps=sizes).tolist(), strict=True))
-        step = cuts.find(self._step(budget, group_by="cluster", quotas=quotas), [], stats.cluster_sizes)
+        balance = self.config.typed_params().balance
+        sizes = stats.group_sizes(balance)
+        quotas = proportional_quotas(sizes, budget)
+        step = self._step(budget, group_by=balance, quotas=quotas, labels=stats.labels if balance == "label" else ())
+        step = cuts.find(step, [], sizes)
         return Plan((step,), {"quotas": {int(c): int(q) for c, q in quotas.items()}})
 
     def apply(self, batch: dict[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         (kept,) = plan.kept(batch)
-        quotas, score = plan.steps[0].quotas, self.config.score
+        step, score = plan.steps[0], self.config.score
         reasons = np.array(
             [
-                "" if k else f"outside the {quotas.get(int(c), 0)} kept in cluster {c} by {score}"
-                for k, c in zip(kept, batch["cluster"], strict=True)
+                ""
+                if k
+                else f"outside the {step.quotas.get(int(g), 0)} kept in {group_name(step.group_by, int(g), step.labels)} by {score}"
+                for k, g in zip(kept, step.groups(batch), strict=True)
             ],
             dtype=object,
         )
@@ -273,4 +332,4 @@ class StratifiedPolicy(Policy):
 
 
 # The policies that live in their own modules register themselves on import (they import from this module).
-from raysel.select import bandit, hard_easy, mig  # noqa: E402,F401
+from raysel.select import bandit, ccs, hard_easy, mig  # noqa: E402,F401

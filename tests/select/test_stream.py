@@ -201,3 +201,27 @@ def test_an_in_memory_policy_refuses_more_rows_than_the_driver_is_sized_for(corp
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "policy 'mig' selects in memory on the driver" in proc.stderr and "takes at most 10 rows" in proc.stderr
     assert "random, stratified, threshold, topk" in proc.stderr.replace("hard_easy, ", "") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "select",
+    [
+        {"policy": "ccs", "score": "loss", "params": {"beta": 0.2, "strata": 4, "balance": "label"}},
+        {"policy": "stratified", "score": "loss", "params": {"balance": "label"}},
+    ],
+    ids=["ccs-label", "stratified-label"],
+)
+def test_class_balanced_budgets_read_the_label_column_on_ray(corpus, ray_cluster, select):
+    raw = _config(corpus, f"out-label-{select['policy']}", select)
+    config = parse_config({**raw, "input": {**raw["input"], "label_field": "topic"}})
+    result = run(config)
+    ledger = _ledger(Path(config.output.path))
+    assigned = next((corpus / "work" / result.manifest["reuse"]["scores"]["key"]).glob("assigned-*"))
+    want = select_pass(config, collect_rows(str(assigned)))[0].to_pylist()  # in memory, by sorting
+    status = lambda rows: {(r["id"], r["source"], r["row"]): (r["status"], r["reason"]) for r in rows}  # noqa: E731
+    assert status(ledger) == status(want)  # the same rows, the same reasons
+    kept = Counter(r["label"] for r in ledger if r["status"] == "selected")
+    usable = Counter(r["label"] for r in ledger if r["status"] != "quarantined")
+    assert sum(kept.values()) == result.manifest["selection"]["budget_rows"]
+    for label, n in usable.items():  # each topic's share of the budget, by its share of the rows
+        assert abs(kept[label] - 0.4 * n) <= 1.5
