@@ -143,14 +143,15 @@ def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, tim
     if len(centroids) == 0:
         return _commit_all_quarantined(config, files, sink, assigned, timings, reuse)
     policy = POLICIES[config.select.policy](config.select)
+    context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), score_key), files)
     plan = None
     with _timed(timings, "select"):
         if streams(config):
+            assigned = policy.rows(assigned, context, centroids)  # d2: a column computed per cluster in Ray tasks
             plan, repeats, info = plan_pass(config, policy, assigned)
         else:  # a policy that is greedy over rows or probes them: in memory, on the driver
             _check_driver_rows(config, rfs.parquet_rows(assigned))
             table = collect_rows(assigned)
-            context = RunContext(config, scores_uri, rfs.join(config.resolved_work_dir(), score_key), files)
             table, info = select_pass(config, table, context)
     with _timed(timings, "write"):
         if plan is not None:
@@ -168,7 +169,8 @@ def plan_pass(config: RunConfig, policy: Policy, assigned: str) -> tuple[Plan, R
     """Pass 3 for a planned policy: repeated ids, per-cluster statistics, then the policy's plan, its cuts found
     in a few passes over the candidate columns (raysel/select/stream.py). Returns (plan, repeats, summary)."""
     repeats = repeated_ids(assigned)
-    runner = RayBlocks(assigned, repeats, config.score_columns, labels=config.input.label_field is not None)
+    columns = [*config.score_columns, *policy.columns]
+    runner = RayBlocks(assigned, repeats, columns, labels=config.input.label_field is not None)
     stats = selection_stats(runner)
     budget = budget_rows(config.select.budget, stats.usable)
     cuts = CutService(runner)

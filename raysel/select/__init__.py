@@ -171,9 +171,15 @@ class Policy:
     only form of the policies that are greedy over rows (mig) or probe rows (bandit)."""
 
     needs_score: ClassVar[bool] = True
+    columns: ClassVar[tuple[str, ...]] = ()  # columns `rows` adds for the plan to read (d2: d2_rank)
 
     def __init__(self, config: SelectConfig) -> None:
         self.config = config
+
+    def rows(self, assigned_uri: str, context: RunContext, centroids: np.ndarray) -> str:
+        """The shards the plan and apply passes read: the assigned shards, or, for a policy that computes a column
+        per cluster in Ray tasks first (d2), a copy of them with that column."""
+        return assigned_uri
 
     def select(self, candidates: Candidates, budget: int) -> Selection:
         raise NotImplementedError
@@ -332,4 +338,4 @@ class StratifiedPolicy(Policy):
 
 
 # The policies that live in their own modules register themselves on import (they import from this module).
-from raysel.select import bandit, ccs, hard_easy, mig  # noqa: E402,F401
+from raysel.select import bandit, ccs, d2, hard_easy, mig  # noqa: E402,F401
