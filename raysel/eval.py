@@ -494,15 +494,19 @@ def logreg_predict(x_train, y_train, x_test, config: DownstreamConfig, seed: int
     return model.predict(x_test)
 
 
+TFIDF = {"ngram_range": (1, 2), "sublinear_tf": True, "min_df": 2}
+
+
 def tfidf_predict(train_texts, y_train, test_texts, config: DownstreamConfig, seed: int) -> np.ndarray:
-    """TF-IDF (word uni- and bigrams, sublinear tf, vocabulary of the selected texts) + logistic regression."""
+    """TF-IDF (word uni- and bigrams, sublinear tf; the vocabulary: terms in two or more of the selected texts) +
+    logistic regression."""
     classes = np.unique(y_train)
     if len(classes) == 1:
         return np.full(len(test_texts), classes[0], dtype=object)
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1, max_features=50_000)
+    vectorizer = TfidfVectorizer(**TFIDF)
     x = vectorizer.fit_transform(list(train_texts))
     model = LogisticRegression(C=config.C, max_iter=config.max_iter, random_state=seed)
     model.fit(x, y_train)
