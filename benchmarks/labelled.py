@@ -65,6 +65,7 @@ POLICIES_LABELLED = {
     "stratified-label-el2n-high": {"policy": "stratified", "score": "el2n", "params": {"balance": "label"}},
     "ccs-aum": {"policy": "ccs", "score": "aum", "params": {"beta": 0.1}},
     "ccs-aum-label": {"policy": "ccs", "score": "aum", "params": {"beta": 0.1, "balance": "label"}},
+    "ccs-aum-label-b20": {"policy": "ccs", "score": "aum", "params": {"beta": 0.2, "balance": "label"}},
     "ccs-el2n-label": {"policy": "ccs", "score": "el2n", "params": {"beta": 0.1, "balance": "label"}},
     "d2-el2n-label": {"policy": "d2", "score": "el2n", "params": {"balance": "label"}},
     "hard-easy-el2n": {"policy": "hard_easy", "score": "el2n", "params": {"hard_fraction": 0.1}},
