@@ -7,9 +7,10 @@ pass 1  score     Ray Data streams the corpus files through the reader, the embe
 pass 2  cluster   FAISS spherical k-means on a seeded sample of the embeddings (centroids kept in
                   the work dir), then every row assigned to its nearest centroid in a map (the
                   assigned shards, without embeddings, kept in the work dir too).
-pass 3  select    a planned policy (random, topk, threshold, stratified, hard_easy) plans on
+pass 3  select    a planned policy (random, topk, threshold, stratified, hard_easy, ccs, d2) plans on
                   per-cluster statistics and finds its exact cuts in a few passes over the rows: the
-                  driver holds O(clusters × 256) counts, never a row per row. The others (mig,
+                  driver holds O(clusters × 256) counts, never a row per row (d2 first adds its column
+                  per cluster in Ray tasks: `policy.rows`). The others (mig,
                   bandit, semdedup) collect ids, clusters and scores on the driver, up to a limit.
 pass 4  write     OUT/ledger (one row per input row; written by the workers for a planned policy),
                   OUT/selected (the chosen rows joined back to their original records, per input
