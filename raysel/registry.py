@@ -127,6 +127,7 @@ SCORERS = Registry(
         "raysel.scorers.el2n",
         "raysel.scorers.influence",
         "raysel.scorers.vog",
+        "raysel.scorers.aum",
     ),
 )
 POLICIES = Registry(
@@ -136,6 +137,8 @@ POLICIES = Registry(
         "raysel.select.hard_easy",
         "raysel.select.mig",
         "raysel.select.bandit",
+        "raysel.select.ccs",
+        "raysel.select.d2",
     ),
 )
 

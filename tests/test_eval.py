@@ -229,3 +229,50 @@ def test_config_errors_name_the_field(tmp_path, change, message):
     raw = {"corpus": {"path": "x.jsonl"}, "output": str(tmp_path / "o")} | change
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_eval_config(raw)
+
+
+def test_label_noise_flips_the_share_asked_to_another_label_seeded():
+    from raysel.eval import flip_labels
+
+    labels = np.array(["a"] * 50 + ["b"] * 30 + ["c"] * 20, dtype=object)
+    noisy = flip_labels(labels, 0.2, seed=3)
+    assert (noisy != labels).sum() == 20 and set(noisy) == {"a", "b", "c"}
+    np.testing.assert_array_equal(noisy, flip_labels(labels, 0.2, seed=3))
+    assert not np.array_equal(noisy, flip_labels(labels, 0.2, seed=4))
+
+
+def test_noisy_corpus_flips_train_labels_only(tmp_path):
+    from raysel.eval import prepare_splits
+
+    raw = {"corpus": {"path": str(write_jsonl(tmp_path / "c.jsonl", bbc_sample(100))), "label_field": "topic"}}
+    raw |= {"output": str(tmp_path / "o"), "work_dir": str(tmp_path / "w"), "test": {"fraction": 0.2}}
+    _, clean_train, clean_test = prepare_splits(parse_eval_config(raw))
+    raw["corpus"]["label_noise"] = 0.2
+    _, train, test = prepare_splits(parse_eval_config(raw))
+    np.testing.assert_array_equal(train.ids, clean_train.ids)
+    assert (train.labels != clean_train.labels).sum() == round(0.2 * len(train))
+    np.testing.assert_array_equal(test.labels, clean_test.labels)
+
+
+def test_tfidf_downstream_learns_topics_from_words():
+    from raysel.eval import DownstreamConfig, tfidf_predict
+
+    rows = bbc_sample(300, seed=2)
+    train, test = rows[:200], rows[200:]
+    predicted = tfidf_predict(
+        [r["text"] for r in train],
+        np.array([r["topic"] for r in train], dtype=object),
+        np.array([r["text"] for r in test], dtype=object),
+        DownstreamConfig(model="tfidf"),
+        seed=0,
+    )
+    assert np.mean(predicted == np.array([r["topic"] for r in test])) >= 0.85
+
+
+@pytest.mark.skipif(not Path("/usr/share/games/fortunes").is_dir(), reason="Debian fortunes not installed")
+def test_the_fortunes_corpus_is_labelled_by_file():
+    from raysel.eval import _read_rows
+
+    rows = _read_rows("fortunes", parse_eval_config({"corpus": {"path": "fortunes"}, "output": "o"}).corpus)
+    assert len(rows) > 10_000 and len({r["label"] for r in rows}) == 43
+    assert all(r["text"] and not r["text"].endswith("%") for r in rows)

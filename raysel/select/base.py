@@ -15,11 +15,11 @@ test file; the pipeline needs no change. Many policies decide a budget per clust
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from raysel.select.plan import CutService, Plan, SelectionStats, Step
+from raysel.select.plan import CutService, Plan, SelectionStats, Step, label_groups
 
 if TYPE_CHECKING:
     from raysel.config import SelectConfig
@@ -90,22 +90,63 @@ def largest_remainder(weights: np.ndarray, total: int, caps: np.ndarray) -> np.n
     return quotas
 
 
+# --- budgets per group: per cluster (the default) or per label (class-balanced) ------------------------------
+
+Balance = Literal["cluster", "label"]
+
+
+def candidate_groups(candidates: Candidates, group_by: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(group id per candidate, the sorted labels) for a grouping by "cluster", "label" or "all"; the ids agree
+    with those of a planned `Step` with the same grouping (SelectionStats.group_sizes)."""
+    if group_by == "cluster":
+        return np.asarray(candidates.cluster, dtype=np.int64), ()
+    if group_by == "label":
+        if candidates.labels is None:
+            raise ValueError("grouping by label needs the corpus's label column: set input.label_field")
+        labels = tuple(sorted({"" if v is None else str(v) for v in candidates.labels}))
+        return label_groups(candidates.labels, labels), labels
+    return np.zeros(len(candidates), dtype=np.int64), ()
+
+
+def proportional_quotas(sizes: dict[int, int], budget: int) -> dict[int, int]:
+    """Each group's share of `budget` in proportion to its size (largest remainder, capped at the size)."""
+    groups = sorted(sizes)
+    counts = np.array([sizes[g] for g in groups], dtype=np.int64)
+    return dict(zip(groups, largest_remainder(counts, budget, caps=counts).tolist(), strict=True))
+
+
+def group_name(group_by: str, group: int, labels: tuple[str, ...]) -> str:
+    """How a reason names a group: "cluster 3", "label 'sport'"."""
+    if group_by == "label":
+        return f"label {labels[group]!r}" if 0 <= group < len(labels) else "an unknown label"
+    return f"cluster {group}" if group_by == "cluster" else "the corpus"
+
+
 def take_within_clusters(
-    candidates: Candidates, quotas: dict[int, int], score: str | None, order: str, seed: int = 0
+    candidates: Candidates,
+    quotas: dict[int, int],
+    score: str | None,
+    order: str,
+    seed: int = 0,
+    *,
+    group_by: str = "cluster",
 ) -> Selection:
-    """Keep the best `quotas[c]` rows of each cluster c by `score` (random when score is None)."""
+    """Keep the best `quotas[c]` rows of each cluster c by `score` (random when score is None); with
+    `group_by="label"`, of each label (quotas keyed by the label's index among the sorted labels)."""
     selected = np.zeros(len(candidates), dtype=bool)
     reasons = np.empty(len(candidates), dtype=object)
     rng = np.random.default_rng(seed)
-    for c in np.unique(candidates.cluster):
-        members = np.flatnonzero(candidates.cluster == c)
+    groups, labels = candidate_groups(candidates, group_by)
+    for c in np.unique(groups):
+        members = np.flatnonzero(groups == c)
         q = int(quotas.get(int(c), 0))
         if score is None:
             best = members[rng.permutation(len(members))]
         else:
             best = members[rank(candidates.scores[score][members], order)]
         selected[best[:q]] = True
-        reasons[best[q:]] = f"outside the {q} kept in cluster {c}" + ("" if score is None else f" by {score}")
+        where = group_name(group_by, int(c), labels)
+        reasons[best[q:]] = f"outside the {q} kept in {where}" + ("" if score is None else f" by {score}")
     reasons[selected] = ""
     return Selection(selected, reasons, {"quotas": {int(c): int(q) for c, q in quotas.items()}})
 
@@ -118,10 +159,16 @@ class Policy:
     only form of the policies that are greedy over rows (mig)."""
 
     needs_score: ClassVar[bool] = True
-    reads: ClassVar[tuple[str, ...]] = ()  # columns of the assigned shards plan/apply read beyond ids, clusters, scores
+    # columns of the assigned shards (or of those `rows` writes) plan/apply read beyond ids, clusters, scores
+    reads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: SelectConfig) -> None:
         self.config = config
+
+    def rows(self, assigned_uri: str, context: RunContext, centroids: np.ndarray) -> str:
+        """The shards the plan and apply passes read: the assigned shards, or, for a policy that computes a column
+        per cluster in Ray tasks first (d2), a copy of them with that column (named in `reads`)."""
+        return assigned_uri
 
     def select(self, candidates: Candidates, budget: int) -> Selection:
         raise NotImplementedError

@@ -4,7 +4,8 @@
     apply(batch: dict[str, np.ndarray], plan: Plan) -> (keep, reasons)       worker: one block's rows
 
 A plan is a list of `Step`s, each an exact cut (raysel/cuts.py): which rows it ranks (a score and an
-order, or none for a seeded random draw), how they are grouped (per cluster, or the whole corpus),
+order, or none for a seeded random draw), how they are grouped (per cluster, per label, or the whole corpus,
+optionally split further into strata of a score's range: `Strata`),
 which rows are eligible (all candidates, those passing a threshold, those no earlier step kept) and
 how many each group keeps. `CutService.find` runs the refinement passes over the rows through a
 `BlockRunner`: Ray Data in the pipeline (raysel/select/stream.py), arrays in memory in tests. Ties are broken by a seeded hash of
@@ -34,11 +35,56 @@ class SelectionStats:
         cluster_sizes: candidate rows per cluster id.
         context: the run's shards, input files, work dir and pass-2 centroids, for a policy that reads more
             than the candidate columns (the bandit probes rows); None outside a run.
+        label_sizes: candidate rows per label ("" for a row without one); empty when the corpus has no label column.
     """
 
     usable: int
     cluster_sizes: dict[int, int]
     context: RunContext | None = None
+    label_sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The labels in sorted order: a `group_by: "label"` step's group i is labels[i]."""
+        return tuple(sorted(self.label_sizes))
+
+    def group_sizes(self, group_by: str) -> dict[int, int]:
+        """Candidate rows per group id of a step grouped by `group_by` ("cluster", "label" or "all")."""
+        if group_by == "cluster":
+            return dict(self.cluster_sizes)
+        if group_by == "label":
+            if not self.label_sizes:
+                raise ValueError("grouping by label needs the corpus's label column: set input.label_field")
+            return {i: self.label_sizes[name] for i, name in enumerate(self.labels)}
+        return {0: self.usable}
+
+
+def label_groups(values: np.ndarray, labels: tuple[str, ...]) -> np.ndarray:
+    """Group id of each row's label: its index in the sorted `labels` (-1 for a label not among them)."""
+    index = {name: i for i, name in enumerate(labels)}
+    return np.fromiter((index.get("" if v is None else str(v), -1) for v in values), dtype=np.int64, count=len(values))
+
+
+@dataclass(frozen=True)
+class Strata:
+    """Equal-width strata of a score's range, per group: the stratum of a row of group g with score v is
+    floor((v − lo[g]) / (hi[g] − lo[g]) · bins), clipped to bins − 1; an unscored row (NaN), or one of a group
+    without a range, is in stratum `bins`. A stratified step's group id is base group × (bins + 1) + stratum."""
+
+    score: str
+    bins: int
+    lo: dict[int, float]
+    hi: dict[int, float]
+
+    def of(self, values: np.ndarray, base: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        lo = np.array([self.lo.get(int(g), np.nan) for g in base], dtype=np.float64)
+        hi = np.array([self.hi.get(int(g), np.nan) for g in base], dtype=np.float64)
+        width = np.where(hi > lo, hi - lo, 1.0)
+        with np.errstate(invalid="ignore"):
+            raw = np.floor((values - lo) / width * self.bins)
+        out = np.clip(np.nan_to_num(raw, nan=self.bins), 0, self.bins - 1).astype(np.int64)
+        return np.where(np.isnan(values) | np.isnan(lo), self.bins, out)
 
 
 @dataclass(frozen=True)
@@ -57,11 +103,13 @@ class Step:
 
     score: str | None  # None: rank by the seeded hash alone (a uniform random draw)
     order: Literal["asc", "desc"]
-    group_by: Literal["cluster", "all"]
+    group_by: Literal["cluster", "label", "all"]
     quotas: dict[int, int]
     seed: int
     eligible: Eligible = Eligible()
     cuts: dict[int, Cut] = field(default_factory=dict)
+    labels: tuple[str, ...] = ()  # group_by "label": group i is labels[i] (SelectionStats.labels)
+    strata: Strata | None = None  # each group split further into strata of a score
 
     def keys(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         hashes = id_hash(batch["id"], self.seed)
@@ -71,8 +119,14 @@ class Step:
 
     def groups(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         if self.group_by == "cluster":
-            return np.asarray(batch["cluster"], dtype=np.int64)
-        return np.zeros(len(batch["id"]), dtype=np.int64)
+            base = np.asarray(batch["cluster"], dtype=np.int64)
+        elif self.group_by == "label":
+            base = label_groups(batch["label"], self.labels)
+        else:
+            base = np.zeros(len(batch["id"]), dtype=np.int64)
+        if self.strata is None:
+            return base
+        return base * (self.strata.bins + 1) + self.strata.of(batch[self.strata.score], base)
 
     def passing(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         thr = self.eligible.threshold
@@ -81,7 +135,9 @@ class Step:
             return (values >= thr) if self.order == "desc" else (values <= thr)
 
     def cut_value(self, group: int = 0) -> float:
-        return cut_score(self.cuts[group], self.order) if self.score is not None and group in self.cuts else float("nan")
+        return (
+            cut_score(self.cuts[group], self.order) if self.score is not None and group in self.cuts else float("nan")
+        )
 
 
 @dataclass(frozen=True)
@@ -136,6 +192,16 @@ class CutService:
                 total[g] = total.get(g, 0) + c
         return total
 
+    def score_range(self, step: Step, earlier: list[Step], score: str) -> dict[int, tuple[float, float]]:
+        """(smallest, largest) `score` per group among the step's eligible, scored rows (one pass)."""
+        self.passes += 1
+        total: dict[int, tuple[float, float]] = {}
+        for part in self.runner.map_blocks(block_range, step=step, earlier=earlier, score=score):
+            for g, (lo, hi) in part.items():
+                old = total.get(g, (lo, hi))
+                total[g] = (min(old[0], lo), max(old[1], hi))
+        return total
+
     def find(self, step: Step, earlier: list[Step], sizes: dict[int, int]) -> Step:
         """The step with its cuts; for a scored step, with the score at each cut known exactly."""
         finder = CutFinder(step.quotas, sizes)
@@ -164,6 +230,17 @@ def block_count(batch: dict[str, np.ndarray], step: Step, earlier: list[Step]) -
     kept = Plan(tuple(earlier)).kept(batch) if earlier else []
     groups, counts = np.unique(step.groups(batch)[eligible_rows(step, batch, kept)], return_counts=True)
     return dict(zip(groups.tolist(), counts.tolist(), strict=True))
+
+
+def block_range(batch, step: Step, earlier: list[Step], score: str) -> dict[int, tuple[float, float]]:
+    kept = Plan(tuple(earlier)).kept(batch) if earlier else []
+    values = np.asarray(batch[score], dtype=np.float64)
+    rows = eligible_rows(step, batch, kept) & ~np.isnan(values)
+    groups = step.groups(batch)[rows]
+    return {
+        int(g): (float(values[rows][groups == g].min()), float(values[rows][groups == g].max()))
+        for g in np.unique(groups)
+    }
 
 
 def block_largest(batch: dict[str, np.ndarray], step: Step, earlier: list[Step], groups: list[int]) -> dict[int, int]:

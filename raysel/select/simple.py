@@ -5,13 +5,17 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from raysel.registry import register_policy
 from raysel.select.base import (
+    Balance,
     Candidates,
     Policy,
     Selection,
-    largest_remainder,
+    candidate_groups,
+    group_name,
+    proportional_quotas,
     rank,
     take_within_clusters,
 )
@@ -107,34 +111,49 @@ class ThresholdPolicy(Policy):
         return kept, _unscored(values, reasons, kept, score, "unscored by {score}").astype(object)
 
 
+class StratifiedParams(BaseModel):
+    """Settings of the `stratified` policy (`select.params`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    balance: Balance = Field(
+        "cluster",
+        description="split the budget in proportion to the clusters' sizes, or to the labels' (class-balanced: for "
+        "labelled corpora whose clusters do not follow the labels)",
+    )
+
+
 @register_policy("stratified")
 class StratifiedPolicy(Policy):
-    """Each cluster gets budget in proportion to its size; inside a cluster, the best rows by `score`."""
+    """Each cluster (or, with `balance: label`, each label) gets budget in proportion to its size; inside it,
+    the best rows by `score`."""
+
+    Params = StratifiedParams
 
     def select(self, candidates: Candidates, budget: int) -> Selection:
-        clusters, sizes = np.unique(candidates.cluster, return_counts=True)
-        quotas = largest_remainder(sizes, budget, caps=sizes)
-        return take_within_clusters(
-            candidates,
-            dict(zip(clusters.tolist(), quotas.tolist(), strict=True)),
-            self.config.score,
-            self.config.order,
-        )
+        balance = self.config.typed_params().balance
+        groups, _ = candidate_groups(candidates, balance)
+        ids, sizes = np.unique(groups, return_counts=True)
+        quotas = proportional_quotas(dict(zip(ids.tolist(), sizes.tolist(), strict=True)), budget)
+        return take_within_clusters(candidates, quotas, self.config.score, self.config.order, group_by=balance)
 
     def plan(self, stats: SelectionStats, budget: int, cuts: CutService) -> Plan:
-        clusters = sorted(stats.cluster_sizes)
-        sizes = np.array([stats.cluster_sizes[c] for c in clusters], dtype=np.int64)
-        quotas = dict(zip(clusters, largest_remainder(sizes, budget, caps=sizes).tolist(), strict=True))
-        step = cuts.find(self._step(budget, group_by="cluster", quotas=quotas), [], stats.cluster_sizes)
+        balance = self.config.typed_params().balance
+        sizes = stats.group_sizes(balance)
+        quotas = proportional_quotas(sizes, budget)
+        step = self._step(budget, group_by=balance, quotas=quotas, labels=stats.labels if balance == "label" else ())
+        step = cuts.find(step, [], sizes)
         return Plan((step,), {"quotas": {int(c): int(q) for c, q in quotas.items()}})
 
     def apply(self, batch: dict[str, np.ndarray], plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         (kept,) = plan.kept(batch)
-        quotas, score = plan.steps[0].quotas, self.config.score
+        step, score = plan.steps[0], self.config.score
         reasons = np.array(
             [
-                "" if k else f"outside the {quotas.get(int(c), 0)} kept in cluster {c} by {score}"
-                for k, c in zip(kept, batch["cluster"], strict=True)
+                ""
+                if k
+                else f"outside the {step.quotas.get(int(g), 0)} kept in {group_name(step.group_by, int(g), step.labels)} by {score}"
+                for k, g in zip(kept, step.groups(batch), strict=True)
             ],
             dtype=object,
         )

@@ -4,7 +4,7 @@
                        kept in the work dir beside the centroids, for every later pass and run
     repeated_ids       a distributed group-by on the id; the driver learns only the repeated ids and where
                        they occur (bounded by the repeats, not the corpus)
-    selection_stats    candidate rows per cluster (one small count per block)
+    selection_stats    candidate rows per cluster and per label (one small count per block)
     RayBlocks          the BlockRunner through which a policy's `plan` runs its refinement passes: each pass
                        reads the candidate columns (id, cluster, reason, scores: ~20-40 bytes a row) and
                        sends back per-block histograms the driver adds up; DriverBlocks, below
@@ -142,24 +142,38 @@ def with_repeats(batch: dict[str, np.ndarray], repeats: Repeats) -> dict[str, np
 
 def selection_stats(runner: RayBlocks) -> SelectionStats:
     sizes: Counter[int] = Counter()
-    for part in runner.map_blocks(_cluster_counts):
-        sizes.update(part)
-    return SelectionStats(usable=int(sum(sizes.values())), cluster_sizes=dict(sorted(sizes.items())))
+    labels: Counter[str] = Counter()
+    for clusters, label_counts in runner.map_blocks(_group_counts):
+        sizes.update(clusters)
+        labels.update(label_counts)
+    return SelectionStats(
+        usable=int(sum(sizes.values())),
+        cluster_sizes=dict(sorted(sizes.items())),
+        label_sizes=dict(sorted(labels.items())),
+    )
 
 
-def _cluster_counts(batch: dict[str, np.ndarray]) -> dict[int, int]:
+def _group_counts(batch: dict[str, np.ndarray]) -> tuple[dict[int, int], dict[str, int]]:
+    """Candidate rows per cluster and, when the shards have a label column, per label (bounded by the labels)."""
     clusters, counts = np.unique(np.asarray(batch["cluster"], dtype=np.int64), return_counts=True)
-    return dict(zip(clusters.tolist(), counts.tolist(), strict=True))
+    labels = Counter("" if v is None else str(v) for v in batch["label"]) if "label" in batch else Counter()
+    return dict(zip(clusters.tolist(), counts.tolist(), strict=True)), dict(labels)
 
 
 class RayBlocks:
     """A BlockRunner over the candidate rows of the assigned shards: `fn(batch, **kwargs)` runs in a Ray task per
     block, on the candidates only (quarantined and repeated rows left out), and its results stream back."""
 
-    def __init__(self, assigned_uri: str, repeats: Repeats, score_columns: list[str]) -> None:
+    def __init__(self, assigned_uri: str, repeats: Repeats, score_columns: list[str], *, labels: bool = False) -> None:
         self.uri = assigned_uri
         self.repeats = repeats
-        self.columns = [*CANDIDATE_COLUMNS, *score_columns, *([DROPPED] if has_dropped(assigned_uri) else [])]
+        # the label column only where the corpus has one (input.label_field): class-balanced budgets group by it
+        self.columns = [
+            *CANDIDATE_COLUMNS,
+            *(["label"] if labels else []),
+            *score_columns,
+            *([DROPPED] if has_dropped(assigned_uri) else []),
+        ]
 
     def map_blocks(self, fn: Callable[..., Any], **kwargs: Any) -> Iterator[Any]:
         ds = read_shards(self.uri, columns=self.columns).map_batches(
@@ -180,8 +194,8 @@ class DriverBlocks(RayBlocks):
     functions as on Ray, so the same decisions; what it saves is a Ray Data execution per pass (about a second
     each), which is most of a small run's selection time."""
 
-    def __init__(self, assigned_uri: str, repeats: Repeats, score_columns: list[str]) -> None:
-        super().__init__(assigned_uri, repeats, score_columns)
+    def __init__(self, assigned_uri: str, repeats: Repeats, score_columns: list[str], *, labels: bool = False) -> None:
+        super().__init__(assigned_uri, repeats, score_columns, labels=labels)
         self._blocks: list[dict[str, np.ndarray]] | None = None
 
     def map_blocks(self, fn: Callable[..., Any], **kwargs: Any) -> Iterator[Any]:
@@ -191,10 +205,12 @@ class DriverBlocks(RayBlocks):
         return (fn(block, **kwargs) for block in self._blocks)
 
 
-def candidate_runner(assigned_uri: str, repeats: Repeats, score_columns: list[str]) -> RayBlocks:
+def candidate_runner(
+    assigned_uri: str, repeats: Repeats, score_columns: list[str], *, labels: bool = False
+) -> RayBlocks:
     """The BlockRunner of pass 3: on Ray, or on the driver below IN_MEMORY_ROWS rows."""
     small = rfs.parquet_rows(assigned_uri) <= IN_MEMORY_ROWS
-    return (DriverBlocks if small else RayBlocks)(assigned_uri, repeats, score_columns)
+    return (DriverBlocks if small else RayBlocks)(assigned_uri, repeats, score_columns, labels=labels)
 
 
 def candidates_of(batch: dict[str, np.ndarray], repeats: Repeats) -> dict[str, np.ndarray]:

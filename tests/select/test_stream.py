@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysel.config import parse_config
+from raysel.context import RunContext
 from raysel.pipeline import collect_rows, run, select_pass
 from tests.conftest import BAD_LINES, bbc_sample, write_jsonl
 
@@ -71,7 +72,7 @@ def test_streamed_selection_agrees_with_the_in_memory_policy(corpus, ray_cluster
     assert sum(r["reason"].startswith("duplicate id (first at ") for r in ledger) == 2
 
     key = result.manifest["reuse"]["scores"]["key"]
-    assigned = next((corpus / "work" / key).glob("assigned-*"))
+    assigned = next(p for p in (corpus / "work" / key).glob("assigned-*") if "-d2-" not in p.name)
     reference, info = select_pass(config, collect_rows(str(assigned)))  # the in-memory policy, the slow reference
     want = reference.to_pylist()
     assert Counter(r["status"] for r in ledger) == Counter(r["status"] for r in want)
@@ -99,6 +100,7 @@ def test_the_same_decisions_through_the_distributed_shuffles_and_other_blocks(co
         import json, sys
         sys.path.insert(0, {str(REPO)!r})
         from raysel.config import parse_config
+from raysel.context import RunContext
         from raysel.pipeline import run
         config = json.loads({json.dumps(json.dumps(_config(corpus, "out-b", {"policy": "stratified", "score": "loss"})))})
         run(parse_config(config))
@@ -118,6 +120,7 @@ import json, os, sys, threading, time
 sys.path.insert(0, {repo!r})
 import numpy as np, psutil, pyarrow as pa, pyarrow.parquet as pq, ray
 from raysel.config import parse_config
+from raysel.context import RunContext
 from raysel.io.read import list_input
 from raysel import pipeline
 ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -204,3 +207,35 @@ def test_an_in_memory_policy_refuses_more_rows_than_the_driver_is_sized_for(corp
         "random, stratified, threshold, topk" in proc.stderr.replace("hard_easy, ", "")
         and "Traceback" not in proc.stderr
     )
+
+
+
+@pytest.mark.parametrize(
+    "select",
+    [
+        {"policy": "ccs", "score": "loss", "params": {"beta": 0.2, "strata": 4, "balance": "label"}},
+        {"policy": "stratified", "score": "loss", "params": {"balance": "label"}},
+        {"policy": "d2", "score": "loss", "params": {"k": 5}},
+        {"policy": "d2", "score": "loss", "order": "asc", "params": {"k": 3, "balance": "label"}},
+    ],
+    ids=["ccs-label", "stratified-label", "d2-cluster", "d2-label"],
+)
+def test_class_balanced_budgets_and_d2_on_ray_against_the_in_memory_policy(corpus, ray_cluster, select):
+    raw = _config(corpus, f"out-label-{select['policy']}-{select.get('order', 'desc')}", select)
+    config = parse_config({**raw, "input": {**raw["input"], "label_field": "topic"}})
+    result = run(config)
+    ledger = _ledger(Path(config.output.path))
+    work = corpus / "work" / result.manifest["reuse"]["scores"]["key"]
+    assigned = next(p for p in work.glob("assigned-*") if "-d2-" not in p.name)  # not d2's copy with d2_rank
+    context = RunContext(config, result.manifest["reuse"]["scores"]["uri"], "", [])  # d2 reads the embeddings
+    want = select_pass(config, collect_rows(str(assigned)), context)[0].to_pylist()  # in memory, by sorting
+    status = lambda rows: {(r["id"], r["source"], r["row"]): (r["status"], r["reason"]) for r in rows}  # noqa: E731
+    assert status(ledger) == status(want)  # the same rows, the same reasons
+    kept = Counter(r["label"] for r in ledger if r["status"] == "selected")
+    usable = Counter(r["label"] for r in ledger if r["status"] != "quarantined")
+    assert sum(kept.values()) == result.manifest["selection"]["budget_rows"]
+    if select["params"].get("balance") == "label":
+        for label, n in usable.items():  # each topic's share of the budget, by its share of the rows
+            assert abs(kept[label] - 0.4 * n) <= 1.5
+    if select["policy"] == "d2":
+        assert all(r["status"] == "quarantined" or r["d2_rank"] is not None for r in ledger)
