@@ -29,6 +29,12 @@ test-deps:
 	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	  (echo "chromium is missing: sudo apt-get install -y chromium chromium-driver" >&2; exit 1)
 
+# The built-in eval corpora `fortunes` and `wordnet` (raysel eval, tests/test_eval.py) are Debian packages too.
+	@test -d /usr/share/games/fortunes -a -d /usr/share/wordnet || \
+	  (echo "installing fortunes and wordnet-base for the eval corpora"; apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes fortunes-min wordnet-base >/dev/null) || \
+	  echo "fortunes/wordnet-base missing (sudo apt-get install -y fortunes fortunes-min wordnet-base): their tests skip" >&2
+
 test: install test-deps
 	$(BIN)/python -m pytest -q -ra tests
 
