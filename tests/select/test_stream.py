@@ -100,7 +100,6 @@ def test_the_same_decisions_through_the_distributed_shuffles_and_other_blocks(co
         import json, sys
         sys.path.insert(0, {str(REPO)!r})
         from raysel.config import parse_config
-from raysel.context import RunContext
         from raysel.pipeline import run
         config = json.loads({json.dumps(json.dumps(_config(corpus, "out-b", {"policy": "stratified", "score": "loss"})))})
         run(parse_config(config))
@@ -120,7 +119,6 @@ import json, os, sys, threading, time
 sys.path.insert(0, {repo!r})
 import numpy as np, psutil, pyarrow as pa, pyarrow.parquet as pq, ray
 from raysel.config import parse_config
-from raysel.context import RunContext
 from raysel.io.read import list_input
 from raysel import pipeline
 ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
