@@ -354,3 +354,20 @@ def label_indices(batch: dict[str, np.ndarray], rows: np.ndarray, labels: list[s
     lookup = {name: i for i, name in enumerate(labels)}
     col = batch["label"]
     return np.array([lookup.get("" if col[i] is None else str(col[i]), -1) for i in rows], dtype=np.int64)
+
+
+def load_proxy_params(config: Any, prepared: dict | None, key: str, scorer: str) -> tuple[Any, list[str], list[dict]]:
+    """(device, labels, parameter sets as tensors) of a proxy-based scorer's actor, from what its `prepare`
+    returned under `key` (the replicates or the epoch checkpoints); threads set from the stage config."""
+    if not prepared:
+        raise ValueError(f"{scorer} needs `prepared`: call {scorer}.prepare(config, context) first")
+    import torch
+
+    from raysel.models import pick_device, set_threads
+
+    set_threads(config.threads or max(1, round(config.resources.cpus)))
+    device = pick_device(config.device)
+    params = [
+        {n: torch.as_tensor(v, device=device, dtype=torch.float32) for n, v in ck.items()} for ck in prepared[key]
+    ]
+    return device, list(prepared["labels"]), params

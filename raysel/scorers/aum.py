@@ -23,11 +23,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from raysel.config import ScorerConfig
-from raysel.models import pick_device, set_threads
 from raysel.proxy import (
     ProxySettings,
     batch_embeddings,
     label_indices,
+    load_proxy_params,
     logits,
     proxy_runs,
     require_labels,
@@ -102,19 +102,9 @@ class AUMScorer:
         return {"labels": runs[0].labels, "checkpoints": [ck for run in runs for ck in run.checkpoints[:last]]}
 
     def __init__(self, config: ScorerConfig, outputs: tuple[str, ...], prepared: dict | None = None) -> None:
-        if not prepared:
-            raise ValueError("AUMScorer needs `prepared`: call AUMScorer.prepare(config, context) first")
-        import torch
-
         self.config = config
         self.outputs = outputs
-        set_threads(config.threads or max(1, round(config.resources.cpus)))
-        self.device = pick_device(config.device)
-        self.labels = list(prepared["labels"])
-        self.checkpoints = [
-            {n: torch.as_tensor(v, device=self.device, dtype=torch.float32) for n, v in ck.items()}
-            for ck in prepared["checkpoints"]
-        ]
+        self.device, self.labels, self.checkpoints = load_proxy_params(config, prepared, "checkpoints", "AUMScorer")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

@@ -30,12 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from raysel.config import ScorerConfig
 from raysel.io import fs as rfs
-from raysel.models import pick_device, set_threads
 from raysel.proxy import (
     TRUE_CLASS_OUTPUTS,
     ProxySettings,
     batch_embeddings,
     label_indices,
+    load_proxy_params,
     proxy_runs,
     require_labels,
     usable_rows,
@@ -167,19 +167,9 @@ class VoGScorer:
         }
 
     def __init__(self, config: ScorerConfig, outputs: tuple[str, ...], prepared: dict | None = None) -> None:
-        if not prepared:
-            raise ValueError("VoGScorer needs `prepared`: call VoGScorer.prepare(config, context) first")
-        import torch
-
         self.config = config
         self.outputs = outputs
-        set_threads(config.threads or max(1, round(config.resources.cpus)))
-        self.device = pick_device(config.device)
-        self.labels = list(prepared["labels"])
-        self.checkpoints = [
-            {n: torch.as_tensor(v, device=self.device, dtype=torch.float32) for n, v in ck.items()}
-            for ck in prepared["checkpoints"]
-        ]
+        self.device, self.labels, self.checkpoints = load_proxy_params(config, prepared, "checkpoints", "VoGScorer")
         self.of = config.typed_params().of
         self.class_mean = np.asarray(prepared["class_mean"], dtype=np.float64)
         self.class_std = np.asarray(prepared["class_std"], dtype=np.float64)
