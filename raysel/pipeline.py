@@ -154,12 +154,12 @@ def _run_passes(config: RunConfig, files: list[InputFile], sink: OutputSink, tim
         drops = drop_pass(config, assigned_uri=assigned, repeats=repeats, scores_uri=scores_uri, centroids=centroids)
         rows = drops.uri
         if streams(config):
-            rows = policy.rows(drops.uri, context, centroids)  # d2: a column computed per cluster in Ray tasks
-            if rows != drops.uri and drops.uri != assigned:
+            if type(policy).rows is not Policy.rows and drops.uri != assigned:  # refused before d2's tasks run
                 raise ConfigError(
                     f"policy {config.select.policy!r} computes its own column over the assigned shards and does not "
                     "combine with select.semdedup or select.drop_noisy yet; drop those, or choose another policy"
                 )
+            rows = policy.rows(drops.uri, context, centroids)  # d2: a column computed per cluster in Ray tasks
             plan, info = plan_pass(config, policy, replace(drops, uri=rows), repeats, context)
         else:  # a policy that is greedy over rows: in memory, on the driver
             _check_driver_rows(config, rfs.parquet_rows(drops.uri))
