@@ -98,16 +98,9 @@ def make_corpus(root: Path, rows: int) -> Path:
     return folder
 
 
-def measure(corpus: Path, enc: Path, lm: Path, work: Path, policy: str, k: int) -> dict:
-    """Runs in a fresh process: pass 1 alone, then the whole run (pass 1 reused); seconds and driver peak RSS."""
-    import resource
-
-    from raysel._internal.ray_stage import init_ray
+def bench_config(corpus: Path, enc: Path, lm: Path, work: Path, policy: str, k: int, with_lm: bool):
     from raysel.config import parse_config
-    from raysel.io.read import list_input
-    from raysel.pipeline import run, score_pass
 
-    with_lm = os.environ.get(LM_ENV, "1") == "1"
     lm_stage = {"name": "entropy", "model": str(lm), "batch_size": 128, "max_tokens": 32}
     score = "entropy" if with_lm else "quality"
     # bandit: a cheap probe (the tiny LM's loss) on at most 8 rows × 16 clusters × 8 rounds, so that the table
@@ -115,7 +108,7 @@ def measure(corpus: Path, enc: Path, lm: Path, work: Path, policy: str, k: int) 
     probe = {"name": "loss", "model": str(lm), "batch_size": 64, "max_tokens": 32}
     bandit = {"params": {"probe_scorer": probe, "per_arm": 8, "arms_per_round": 16, "max_rounds": 8}}
     extra = bandit if policy == "bandit" else {}
-    cfg = parse_config(
+    return parse_config(
         {
             "input": {"path": str(corpus), **({} if with_lm else {"score_fields": ["quality"]})},
             "output": {"path": str(work / f"out-{policy}-{k}"), "overwrite": True},
@@ -126,6 +119,64 @@ def measure(corpus: Path, enc: Path, lm: Path, work: Path, policy: str, k: int) 
             "work_dir": str(work),
         }
     )
+
+
+def synthesize_pass1(cfg, template_scores: Path) -> int:
+    """Pass 1's output for `cfg`'s corpus made from a real pass 1 over its first file (`template_scores`), so that
+    passes 2-4 can be measured at 10M rows without the ~50 minutes pass 1 takes there on 2 cores. Each file's shards
+    copy the template's schema, embeddings (in a seeded permutation per file) and flags; id, source and row are the
+    file's own, and `quality` is read from the file, so the write pass joins the selected rows back to real records.
+    Returns the rows written (0 when the work dir already holds this key's pass 1)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    from raysel.io.read import list_input, stable_id
+    from raysel.pipeline import score_key
+
+    files = list_input(cfg.input)
+    base = Path(cfg.resolved_work_dir()) / score_key(cfg, files)
+    if (base / "_SUCCESS").exists():
+        return 0
+    template = pq.read_table(template_scores)
+    template = template.take(pc.sort_indices(template, [("row", "ascending")]))
+    assert template.num_rows == ROWS_PER_FILE and set(pc.unique(template["source"]).to_pylist()) == {"part-0000.jsonl"}
+    out = base / "scores"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    for n, f in enumerate(files):
+        quality = pj.read_json(f.uri).column("quality").cast(template.schema.field("quality").type)
+        table = template.slice(0, len(quality))
+        perm = np.random.default_rng(n).permutation(table.num_rows)
+        table = table.set_column(table.schema.get_field_index("embedding"), "embedding", table["embedding"].take(perm))
+        table = table.set_column(table.schema.get_field_index("quality"), "quality", quality)
+        ids = pa.array([stable_id(f.rel, r) for r in range(table.num_rows)], type=template.schema.field("id").type)
+        table = table.set_column(table.schema.get_field_index("id"), "id", ids)
+        table = table.set_column(
+            table.schema.get_field_index("source"),
+            "source",
+            pa.array([f.rel] * table.num_rows, type=template.schema.field("source").type),
+        )
+        for start in range(0, table.num_rows, cfg.shard_rows):  # pass 1's shard size
+            pq.write_table(table.slice(start, cfg.shard_rows), out / f"{n:05d}_{start // cfg.shard_rows:06d}.parquet")
+        rows += table.num_rows
+    (base / "meta.json").write_text(json.dumps({"synthetic_from": str(template_scores)}))
+    (base / "_SUCCESS").write_text("")
+    return rows
+
+
+def measure(corpus: Path, enc: Path, lm: Path, work: Path, policy: str, k: int) -> dict:
+    """Runs in a fresh process: pass 1 alone, then the whole run (pass 1 reused); seconds and driver peak RSS."""
+    import resource
+
+    from raysel._internal.ray_stage import init_ray
+    from raysel.io.read import list_input
+    from raysel.pipeline import run, score_pass
+
+    with_lm = os.environ.get(LM_ENV, "1") == "1"
+    cfg = bench_config(corpus, enc, lm, work, policy, k, with_lm)
     files = list_input(cfg.input)
     import ray
 
@@ -136,7 +187,13 @@ def measure(corpus: Path, enc: Path, lm: Path, work: Path, policy: str, k: int) 
     DataContext.get_current().enable_progress_bars = False
 
     def peak_mib() -> float:
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        # VmHWM is this process image's own peak; ru_maxrss carries over the parent's RSS at fork across exec
+        # (Linux keeps it in the signal struct), which a parent that built large synthetic shards would inflate.
+        try:
+            with open("/proc/self/status") as f:
+                return round(next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024, 1)
+        except (OSError, StopIteration):
+            return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
     rss_before = peak_mib()
     start = time.perf_counter()
@@ -153,6 +210,8 @@ def measure(corpus: Path, enc: Path, lm: Path, work: Path, policy: str, k: int) 
         "rss_at_start_mib": rss_before,
         "later_passes_seconds": {k: v for k, v in passes.items() if k != "score"},
         "run_peak_rss_mib": peak_mib(),
+        "selected": result.manifest["counts"]["selected"],
+        "select_passes": result.manifest.get("selection", {}).get("passes"),
     }
 
 
@@ -164,6 +223,12 @@ def main() -> None:
     parser.add_argument("--no-lm", action="store_true", help="pass 1 with the embedding stage only (faster)")
     parser.add_argument("--policy", default="random", help="the selection policy (random, stratified, topk, ...)")
     parser.add_argument("--k", type=int, default=64, help="clusters")
+    parser.add_argument(
+        "--synthetic-pass1",
+        action="store_true",
+        help="above 100k rows, make pass 1's shards from a real pass 1 over the first file (with --no-lm; "
+        "see synthesize_pass1): passes 2-4 at 10M rows without pass 1's ~50 minutes",
+    )
     parser.add_argument("--_one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._one:
@@ -178,14 +243,30 @@ def main() -> None:
     for size in args.sizes:
         corpus = make_corpus(root, size)
         work = root / f"work-{size}-{'lm' if not args.no_lm else 'nolm'}"
+        if args.synthetic_pass1 and size > ROWS_PER_FILE:
+            if not args.no_lm:
+                parser.error("--synthetic-pass1 needs --no-lm (the template's columns are the embedding stage's)")
+            from raysel.pipeline import score_key
+
+            first = make_corpus(root, ROWS_PER_FILE)
+            template_cfg = bench_config(first, enc, lm, root / f"work-{ROWS_PER_FILE}-nolm", "random", 64, False)
+            from raysel.io.read import list_input
+
+            template = Path(template_cfg.resolved_work_dir()) / score_key(template_cfg, list_input(template_cfg.input))
+            if not (template / "_SUCCESS").exists():
+                parser.error(f"--synthetic-pass1: no real pass 1 at {ROWS_PER_FILE:,} rows yet; run that size first")
+            start = time.perf_counter()
+            made = synthesize_pass1(bench_config(corpus, enc, lm, work, args.policy, args.k, False), template / "scores")
+            print(f"{size}: synthetic pass 1, {made:,} rows in {time.perf_counter() - start:.0f} s", flush=True)
         proc = subprocess.run(
             [sys.executable, __file__, "--_one", str(corpus), str(enc), str(lm), str(work)]
             + ["--policy", args.policy, "--k", str(args.k)],
             env={**os.environ, LM_ENV: "0" if args.no_lm else "1"},
             capture_output=True,
             text=True,
-            check=True,
         )
+        if proc.returncode:
+            sys.exit(f"{size} rows: the run failed:\n{proc.stderr[-5000:]}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append((size, result))
         print(size, result, flush=True)

@@ -313,7 +313,9 @@ def score_pass(config: RunConfig, files: list[InputFile]) -> tuple[str, str, dic
         (cls, cfg, {"config": cfg, "outputs": outputs}) for cls, cfg, outputs in scorer_stages(config.scorers, "text")
     ]
     ds = map_stages(read_corpus(files, config.input, skip_rows=done), stages)
-    write_shards(ds.drop_columns(["text"]), scores_uri, config.shard_rows)
+    # At an I/O task's CPUs, so that it fuses into the write: at Ray's default 1 CPU it is an operator of its own
+    # whose reservation leaves an elastic scorer pool too little budget to add an actor.
+    write_shards(ds.drop_columns(["text"], num_cpus=IO_TASK_CPUS), scores_uri, config.shard_rows)
     total = rfs.parquet_rows(scores_uri)  # footers only: the driver's memory does not grow with the corpus
     rfs.write_text(rfs.join(base, "meta.json"), json.dumps({"key": key, "config": config.model_dump()}, indent=2))
     rfs.write_text(rfs.join(base, "_SUCCESS"), "")

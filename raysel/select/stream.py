@@ -64,13 +64,16 @@ def assign_pass(scores_uri: str, centroids: np.ndarray, out_uri: str, shard_rows
     ds = read_shards(scores_uri).map_batches(
         _assign, fn_kwargs={"centroids": centroids}, batch_format="numpy", num_cpus=IO_TASK_CPUS
     )
-    write_shards(ds.drop_columns(["embedding"]), out_uri, shard_rows)
+    write_shards(ds, out_uri, shard_rows)
     rfs.write_text(rfs.join(out_uri, "_SUCCESS"), "")
     return out_uri
 
 
 def _assign(batch: dict[str, np.ndarray], centroids: np.ndarray) -> dict[str, np.ndarray]:
-    return ClusterAssigner(centroids)(batch)
+    """Every row with its cluster, without its embedding (dropped here, not by a 1-CPU operator of Ray's own)."""
+    out = ClusterAssigner(centroids)(batch)
+    out.pop("embedding", None)
+    return out
 
 
 # --- repeated ids --------------------------------------------------------------------------------------------
