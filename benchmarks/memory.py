@@ -20,6 +20,7 @@ which reuses pass 1 from the work dir) for the time and driver memory of cluster
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -167,6 +168,42 @@ def synthesize_pass1(cfg, template_scores: Path) -> int:
     return rows
 
 
+@contextlib.contextmanager
+def phase_peaks(every_s: float = 0.2):
+    """{pass: the driver's highest sampled RSS (MiB) during it}: which pass the whole run's peak comes from."""
+    import threading
+
+    from raysel import pipeline
+
+    peaks: dict[str, float] = {}
+    phase = ["start"]
+    timed = pipeline._timed
+
+    @contextlib.contextmanager
+    def tracked(timings, name):
+        phase[0] = name
+        with timed(timings, name):
+            yield
+        phase[0] = f"after {name}"
+
+    def sample(stop: threading.Event) -> None:
+        while not stop.wait(every_s):
+            with open("/proc/self/status") as f:
+                rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+            peaks[phase[0]] = round(max(rss, peaks.get(phase[0], 0.0)), 1)
+
+    stop = threading.Event()
+    thread = threading.Thread(target=sample, args=(stop,), daemon=True)
+    pipeline._timed = tracked
+    thread.start()
+    try:
+        yield peaks
+    finally:
+        stop.set()
+        thread.join()
+        pipeline._timed = timed
+
+
 def measure(corpus: Path, enc: Path, lm: Path, work: Path, policy: str, k: int) -> dict:
     """Runs in a fresh process: pass 1 alone, then the whole run (pass 1 reused); seconds and driver peak RSS."""
     import resource
@@ -201,7 +238,8 @@ def measure(corpus: Path, enc: Path, lm: Path, work: Path, policy: str, k: int) 
     seconds = time.perf_counter() - start
     pass1_peak = peak_mib()
     # The whole run: pass 1 is found in the work dir and reused, so its seconds are the other passes'.
-    result = run(cfg)
+    with phase_peaks() as peaks:
+        result = run(cfg)
     passes = result.manifest["seconds"]
     return {
         "seconds": round(seconds, 1),
@@ -210,6 +248,7 @@ def measure(corpus: Path, enc: Path, lm: Path, work: Path, policy: str, k: int) 
         "rss_at_start_mib": rss_before,
         "later_passes_seconds": {k: v for k, v in passes.items() if k != "score"},
         "run_peak_rss_mib": peak_mib(),
+        "phase_peak_rss_mib": peaks,
         "selected": result.manifest["counts"]["selected"],
         "select_passes": result.manifest.get("selection", {}).get("passes"),
     }
@@ -256,7 +295,9 @@ def main() -> None:
             if not (template / "_SUCCESS").exists():
                 parser.error(f"--synthetic-pass1: no real pass 1 at {ROWS_PER_FILE:,} rows yet; run that size first")
             start = time.perf_counter()
-            made = synthesize_pass1(bench_config(corpus, enc, lm, work, args.policy, args.k, False), template / "scores")
+            made = synthesize_pass1(
+                bench_config(corpus, enc, lm, work, args.policy, args.k, False), template / "scores"
+            )
             print(f"{size}: synthetic pass 1, {made:,} rows in {time.perf_counter() - start:.0f} s", flush=True)
         proc = subprocess.run(
             [sys.executable, __file__, "--_one", str(corpus), str(enc), str(lm), str(work)]

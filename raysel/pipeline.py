@@ -602,11 +602,6 @@ def _write_shard(batch: dict[str, np.ndarray], schema: pa.Schema, fmt: str, anno
 
 def _manifest(config, files, summary, timings, selection_info, written, centroids, reuse) -> dict[str, Any]:
     """The run's manifest; `summary` is `summarize_ledger`'s view of the ledger (counts, reasons, flags, sizes)."""
-    import faiss
-    import ray
-    import torch
-    import transformers
-
     skipped = getattr(files, "skipped", ())  # list_input's InputFiles; a plain list skipped nothing
     counts = summary["status"]
     # The score columns (raysel's scorers, the input's score fields) and, per column, how many usable rows
@@ -636,12 +631,32 @@ def _manifest(config, files, summary, timings, selection_info, written, centroid
         "clusters": {"k": int(len(centroids)), "sizes": summary["sizes"].tolist()},
         "reuse": reuse,
         "seconds": dict(timings),
-        "versions": {
-            "python": platform.python_version(),
-            "ray": ray.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "faiss": faiss.__version__,
-            "pyarrow": pa.__version__,
-        },
+        # From the installed packages' metadata: importing torch and transformers only to read their versions
+        # added ~200 MiB to the driver's peak (RESULTS §19), which does not run a model.
+        "versions": {"python": platform.python_version(), **_package_versions()},
     }
+
+
+def _package_versions() -> dict[str, str | None]:
+    """{package: its installed version, None when absent}; faiss ships under several distribution names."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name, dists in PACKAGES_IN_MANIFEST.items():
+        found[name] = None
+        for dist in dists:
+            try:
+                found[name] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
+    return found
+
+
+PACKAGES_IN_MANIFEST = {
+    "ray": ("ray",),
+    "torch": ("torch",),
+    "transformers": ("transformers",),
+    "faiss": ("faiss-cpu", "faiss-gpu", "faiss"),
+    "pyarrow": ("pyarrow",),
+}

@@ -60,6 +60,48 @@ def ray_cluster(s3_server):
         os.environ["RAY_ADDRESS"] = previous
 
 
+def tiny_lm() -> str:
+    """A 2-layer Llama with seeded random weights and SmolLM2's tokenizer, built once per machine into the test model
+    cache: for the tests whose LM scores need only to exist and be deterministic (the pipeline's plumbing, faults,
+    resume, determinism, policies). Loading it and scoring with it takes a small fraction of SmolLM2's time (135 M
+    parameters); the tests of the LM scorers themselves, and of what the scores mean, keep SmolLM2."""
+    import fcntl
+
+    target = (
+        Path(os.environ.get("RAYSEL_TEST_MODEL_CACHE", Path.home() / ".cache" / "raysel")) / "models" / "tiny-llama-1"
+    )
+    if (target / "_COMPLETE").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "_COMPLETE").exists():
+            import torch
+            from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+            from raysel.models import resolve_causal_lm
+
+            tok = AutoTokenizer.from_pretrained(resolve_causal_lm("smollm2"))
+            torch.manual_seed(0)
+            config = LlamaConfig(
+                vocab_size=len(tok),
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                intermediate_size=128,
+                max_position_embeddings=512,
+                tie_word_embeddings=True,
+                initializer_range=0.3,  # peaked predictions: entropies that differ from text to text, well above float noise
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+            LlamaForCausalLM(config).save_pretrained(target)
+            tok.save_pretrained(target)
+            (target / "_COMPLETE").touch()
+    return str(target)
+
+
 def bbc_sample(n: int, seed: int = 0, max_chars: int = 300) -> list[dict]:
     """n real BBC articles (cut to max_chars), with topic labels, in a seeded order."""
     from raysel.demo import bbc_articles

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import psutil
 
+from tests.conftest import tiny_lm
+
 
 def _free_port(host: str = "127.0.0.1") -> int:
     for _ in range(200):
@@ -171,14 +173,15 @@ def three_node_config(
     shard_rows: int = 32,
     embed_actors: int = 1,
 ) -> Path:
-    """The run config of the multi-node tests: a real corpus, the real encoder and LM, k=3, stratified entropy."""
+    """The run config of the multi-node tests: a real corpus, the real encoder, the tiny LM (conftest.tiny_lm), k=3,
+    stratified entropy."""
     select = select or "{budget: 0.3, policy: stratified, score: entropy, seed: 0}"
     path = root / f"{name}.yaml"
     path.write_text(
         f"input: {{path: {root / corpus}, id_field: id}}\n"
         f"output: {{path: {root / name}}}\n"
         f"embed: {{batch_size: 8, max_tokens: 16, actors: {embed_actors}}}\n"
-        "scorers: [{name: entropy, max_tokens: 16, batch_size: 8}]\n"
+        f"scorers: [{{name: entropy, model: {tiny_lm()}, max_tokens: 16, batch_size: 8}}]\n"
         "cluster: {k: 3}\n"
         f"select: {select}\n"
         f"work_dir: {work or root / (name + '-work')}\n"

@@ -14,7 +14,7 @@ from raysel.config import InputConfig, parse_config
 from raysel.errors import InputError
 from raysel.io.read import CorpusReader
 from raysel.pipeline import _quarantine_duplicate_ids, run, select_pass
-from tests.conftest import bbc_sample
+from tests.conftest import bbc_sample, tiny_lm
 
 LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 
@@ -51,7 +51,7 @@ def test_bad_rows_are_quarantined_with_reasons(tmp_path, ray_cluster):
             "input": {"path": str(corpus), "id_field": "id", "label_field": "topic", "labels": LABELS},
             "output": {"path": str(tmp_path / "out")},
             "embed": {"batch_size": 16, "max_tokens": 16},
-            "scorers": [{"name": "loss", "max_tokens": 12}],
+            "scorers": [{"name": "loss", "model": tiny_lm(), "max_tokens": 12}],
             "cluster": {"k": 2},
             "select": {"budget": 0.5, "policy": "topk", "score": "loss"},
             "work_dir": str(tmp_path / "work"),

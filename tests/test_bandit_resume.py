@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tests.conftest import tiny_lm
+
 pytestmark = pytest.mark.slow
 
 
@@ -23,7 +25,7 @@ def _raw(corpus: Path, out: Path, work: Path, **params) -> dict:
         "input": {"path": str(corpus), "id_field": "id", "label_field": "topic"},
         "output": {"path": str(out)},
         "embed": {"max_tokens": 32},
-        "scorers": [{"name": "entropy", "max_tokens": 32}],
+        "scorers": [{"name": "entropy", "model": tiny_lm(), "max_tokens": 32}],
         "cluster": {"k": 4, "seed": 0},
         "work_dir": str(work),
         "select": {
@@ -32,7 +34,7 @@ def _raw(corpus: Path, out: Path, work: Path, **params) -> dict:
             "score": "entropy",
             "seed": 3,
             "params": {
-                "probe_scorer": {"name": "loss", "max_tokens": 32, "batch_size": 4},
+                "probe_scorer": {"name": "loss", "model": tiny_lm(), "max_tokens": 32, "batch_size": 4},
                 "per_arm": 1,
                 "arms_per_round": 2,
                 "probe_budget": 1.0,

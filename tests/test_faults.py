@@ -10,6 +10,7 @@ import time
 
 import pyarrow.parquet as pq
 
+from tests.conftest import tiny_lm
 from tests.multinode import FILES, ROWS_PER_FILE, finish, run_on, selected_ids, three_node_config
 
 
@@ -35,7 +36,7 @@ def test_losing_a_worker_node_mid_pass_1_still_completes_with_the_same_output(th
 # Two probe actors (SPREAD: one per worker node) and 2-row batches, so that every round calls both nodes.
 BANDIT = (
     "{budget: 0.25, policy: bandit, seed: 0, params: {algorithm: ucb, per_arm: 4, arms_per_round: 3, "
-    "max_rounds: 12, probe_budget: 1.0, probe_scorer: {name: loss, max_tokens: 16, batch_size: 2, actors: 2}}}"
+    "max_rounds: 12, probe_budget: 1.0, probe_scorer: {name: loss, model: " + tiny_lm() + ", max_tokens: 16, batch_size: 2, actors: 2}}}"
 )
 
 

@@ -73,7 +73,7 @@ def test_unscored_rows_come_last():
 @pytest.mark.slow
 def test_hard_easy_through_the_pipeline(ray_cluster, tmp_path):
     import pyarrow.parquet as pq
-    from conftest import bbc_sample, write_jsonl
+    from conftest import bbc_sample, tiny_lm, write_jsonl
 
     from raysel.config import parse_config
     from raysel.pipeline import run
@@ -85,7 +85,7 @@ def test_hard_easy_through_the_pipeline(ray_cluster, tmp_path):
                 "input": {"path": str(corpus), "id_field": "id"},
                 "output": {"path": str(tmp_path / "out")},
                 "embed": {"max_tokens": 32},
-                "scorers": [{"name": "loss", "max_tokens": 32}],
+                "scorers": [{"name": "loss", "model": tiny_lm(), "max_tokens": 32}],
                 "cluster": {"k": 2},
                 "work_dir": str(tmp_path / "work"),
                 "select": {"budget": 10, "policy": "hard_easy", "score": "loss", "params": {"hard_fraction": 0.2}},

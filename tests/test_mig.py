@@ -160,7 +160,7 @@ def test_tiny_brute_force_on_all_subsets_for_budget_one_and_two():
 @pytest.mark.slow
 def test_mig_policy_through_the_pipeline(ray_cluster, tmp_path):
     import pyarrow.parquet as pq
-    from conftest import bbc_sample, write_jsonl
+    from conftest import bbc_sample, tiny_lm, write_jsonl
 
     from raysel.config import parse_config
     from raysel.pipeline import run
@@ -169,7 +169,7 @@ def test_mig_policy_through_the_pipeline(ray_cluster, tmp_path):
     base = {
         "input": {"path": str(corpus), "id_field": "id", "label_field": "topic"},
         "embed": {"max_tokens": 32},
-        "scorers": [{"name": "entropy", "max_tokens": 32}],
+        "scorers": [{"name": "entropy", "model": tiny_lm(), "max_tokens": 32}],
         "cluster": {"k": 4, "seed": 0},
         "work_dir": str(tmp_path / "work"),
     }

@@ -19,7 +19,7 @@ import pytest
 from raysel.errors import SinkError
 from raysel.io import sink as sink_module
 from raysel.io.sink import OutputSink
-from tests.conftest import bbc_sample, write_jsonl
+from tests.conftest import bbc_sample, tiny_lm, write_jsonl
 
 BUCKET = "raysel-test"
 
@@ -195,7 +195,7 @@ def _config(root: Path, name: str, out: str, work: Path) -> Path:
         f"input: {{path: {root / 'corpus.jsonl'}, id_field: id}}\n"
         f"output: {{path: '{out}'}}\n"
         "embed: {batch_size: 8, max_tokens: 16}\n"
-        "scorers: [{name: entropy, max_tokens: 16, batch_size: 8}]\n"
+        f"scorers: [{{name: entropy, model: {tiny_lm()}, max_tokens: 16, batch_size: 8}}]\n"
         "cluster: {k: 2}\n"
         "select: {budget: 0.5, policy: stratified, score: entropy, seed: 0}\n"
         f"work_dir: {work}\n"

@@ -15,7 +15,7 @@ import pytest
 
 from raysel.errors import SinkError
 from raysel.report import HIST_BINS, bandit_rounds, summarize_ledger, write_report
-from tests.conftest import BAD_LINES, bbc_sample, write_jsonl
+from tests.conftest import BAD_LINES, bbc_sample, tiny_lm, write_jsonl
 
 CHROMIUM_INSTALL = "apt-get install -y chromium chromium-driver"
 
@@ -71,7 +71,10 @@ def committed_run(ray_cluster, tmp_path_factory) -> Path:
         {
             "input": {"path": str(corpus), "id_field": "id", "label_field": "topic"},
             "output": {"path": str(root / "out")},
-            "scorers": [{"name": "entropy", "max_tokens": 16}, {"name": "loss", "max_tokens": 16}],
+            "scorers": [
+                {"name": "entropy", "model": tiny_lm(), "max_tokens": 16},
+                {"name": "loss", "model": tiny_lm(), "max_tokens": 16},
+            ],
             "cluster": {"k": 4},
             "select": {"budget": 0.5, "policy": "stratified", "score": "entropy"},
             "work_dir": str(root / "work"),

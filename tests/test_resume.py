@@ -9,7 +9,7 @@ import time
 
 import pyarrow.parquet as pq
 
-from tests.conftest import bbc_sample, write_jsonl
+from tests.conftest import bbc_sample, tiny_lm, write_jsonl
 
 FILES, ROWS_PER_FILE = 6, 16
 
@@ -19,7 +19,7 @@ def _config(root, out, work):
         f"input: {{path: {root / 'corpus'}, id_field: id}}\n"
         f"output: {{path: {out}}}\n"
         "embed: {batch_size: 8, max_tokens: 16}\n"
-        "scorers: [{name: entropy, max_tokens: 16, batch_size: 8}]\n"
+        f"scorers: [{{name: entropy, model: {tiny_lm()}, max_tokens: 16, batch_size: 8}}]\n"
         "cluster: {k: 3}\n"
         "select: {budget: 0.3, policy: stratified, score: entropy, seed: 0}\n"
         f"work_dir: {work}\n"

@@ -22,7 +22,7 @@ from raysel.pipeline import run, select_pass
 from raysel.report import score_columns, summarize_ledger
 from raysel.select import Candidates
 from raysel.select.bandit import BanditParams, BanditPolicy
-from tests.conftest import bbc_sample
+from tests.conftest import bbc_sample, tiny_lm
 
 MINIMAL = {"input": {"path": "c.jsonl"}, "output": {"path": "out"}, "select": {"budget": 0.25}}
 
@@ -268,7 +268,7 @@ def _config(root: Path, name: str, select: dict, **output) -> dict:
         "input": {"path": str(root / "corpus"), "id_field": "id", "score_fields": ["edu_score"]},
         "output": {"path": str(root / name), **output},
         "embed": {"batch_size": 8, "max_tokens": 16},
-        "scorers": [{"name": "loss", "max_tokens": 12, "batch_size": 8}],
+        "scorers": [{"name": "loss", "model": tiny_lm(), "max_tokens": 12, "batch_size": 8}],
         "cluster": {"k": 2},
         "select": select,
         "work_dir": str(root / "work"),

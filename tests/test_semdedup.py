@@ -85,7 +85,7 @@ def test_priority_keeps_the_better_scored_first():
 @pytest.mark.slow
 def test_semdedup_step_in_a_run(ray_cluster, tmp_path):
     import pyarrow.parquet as pq
-    from conftest import bbc_sample, write_jsonl
+    from conftest import bbc_sample, tiny_lm, write_jsonl
 
     from raysel.config import parse_config
     from raysel.pipeline import run
@@ -99,7 +99,7 @@ def test_semdedup_step_in_a_run(ray_cluster, tmp_path):
             "input": {"path": str(corpus), "id_field": "id", "label_field": "topic"},
             "output": {"path": str(tmp_path / "out")},
             "embed": {"max_tokens": 32},
-            "scorers": [{"name": "loss", "max_tokens": 32}],
+            "scorers": [{"name": "loss", "model": tiny_lm(), "max_tokens": 32}],
             "cluster": {"k": 3, "seed": 0},
             "work_dir": str(tmp_path / "work"),
             "select": {"budget": 0.5, "policy": "topk", "score": "loss", "semdedup": {"threshold": 0.97}},

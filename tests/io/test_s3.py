@@ -19,7 +19,7 @@ from raysel.errors import InputError
 from raysel.io import fs as rfs
 from raysel.io.read import CorpusReader, check_input, list_input
 from raysel.pipeline import run
-from tests.conftest import bbc_sample
+from tests.conftest import bbc_sample, tiny_lm
 
 BUCKET = "raysel-test"
 
@@ -29,7 +29,7 @@ def _config(prefix: str, **select) -> dict:
         "input": {"path": f"s3://{BUCKET}/{prefix}/corpus", "id_field": "id", "label_field": "topic"},
         "output": {"path": f"s3://{BUCKET}/{prefix}/out"},
         "embed": {"batch_size": 16, "max_tokens": 32},
-        "scorers": [{"name": "loss", "max_tokens": 12, "batch_size": 8}],
+        "scorers": [{"name": "loss", "model": tiny_lm(), "max_tokens": 12, "batch_size": 8}],
         "cluster": {"k": 2},
         "select": {"budget": 5, "policy": "topk", "score": "loss", **select},
         "work_dir": f"s3://{BUCKET}/{prefix}/work",

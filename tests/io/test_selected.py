@@ -16,7 +16,7 @@ import pytest
 from raysel.config import parse_config
 from raysel.io.selected import Part, attach_columns, conform, plan_shards, records_table, shared_schema
 from raysel.pipeline import run
-from tests.conftest import bbc_sample
+from tests.conftest import bbc_sample, tiny_lm
 
 # --- records and schemas, no Ray ------------------------------------------------------------------------------
 
@@ -104,7 +104,7 @@ def _config(root: Path, name: str, **output) -> dict:
         "input": {"path": str(root / "corpus"), "id_field": "id"},
         "output": {"path": str(root / name), **output},
         "embed": {"batch_size": 8, "max_tokens": 16},
-        "scorers": [{"name": "loss", "max_tokens": 12, "batch_size": 8}],
+        "scorers": [{"name": "loss", "model": tiny_lm(), "max_tokens": 12, "batch_size": 8}],
         "cluster": {"k": 2},
         "select": {"budget": 0.5, "policy": "stratified", "score": "loss"},
         "work_dir": str(root / "work"),

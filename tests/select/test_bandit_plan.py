@@ -17,7 +17,7 @@ from raysel.context import RunContext
 from raysel.io import fs as rfs
 from raysel.io.read import list_input
 from raysel.pipeline import collect_rows, run, select_pass
-from tests.conftest import BAD_LINES, bbc_sample, write_jsonl
+from tests.conftest import BAD_LINES, bbc_sample, tiny_lm, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def _config(root: Path, name: str, params: dict) -> dict:
         "input": {"path": str(root / "corpus"), "id_field": "id"},
         "output": {"path": str(root / name)},
         "embed": {"batch_size": 16, "max_tokens": 16},
-        "scorers": [{"name": "entropy", "max_tokens": 16, "batch_size": 8}],
+        "scorers": [{"name": "entropy", "model": tiny_lm(), "max_tokens": 16, "batch_size": 8}],
         "cluster": {"k": 4, "seed": 0},
         "select": {
             "budget": 0.3,
@@ -52,7 +52,7 @@ def _config(root: Path, name: str, params: dict) -> dict:
             "score": "entropy",
             "seed": 2,
             "params": {
-                "probe_scorer": {"name": "loss", "max_tokens": 16, "batch_size": 4},
+                "probe_scorer": {"name": "loss", "model": tiny_lm(), "max_tokens": 16, "batch_size": 4},
                 "per_arm": 2,
                 "arms_per_round": 2,
                 "probe_budget": 0.25,

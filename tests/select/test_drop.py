@@ -18,7 +18,7 @@ from raysel.context import RunContext
 from raysel.pipeline import collect_rows, run
 from raysel.select import POLICIES, Candidates
 from raysel.select.semdedup import drop_near_duplicates
-from tests.conftest import BAD_LINES, bbc_sample, write_jsonl
+from tests.conftest import BAD_LINES, bbc_sample, tiny_lm, write_jsonl
 
 ROWS = 60
 COPIES = {0: "", 5: "", 9: "", 40: " Reuters", 33: " (updated)"}  # exact repeats, and two with a word added
@@ -42,7 +42,10 @@ def _config(root: Path, name: str, select: dict) -> dict:
         "input": {"path": str(root / "corpus"), "id_field": "id"},
         "output": {"path": str(root / name)},
         "embed": {"batch_size": 16, "max_tokens": 16},
-        "scorers": [{"name": "loss", "max_tokens": 16, "batch_size": 8}, {"name": "el2n_lm", "max_tokens": 16}],
+        "scorers": [
+            {"name": "loss", "model": tiny_lm(), "max_tokens": 16, "batch_size": 8},
+            {"name": "el2n_lm", "model": tiny_lm(), "max_tokens": 16},
+        ],
         "cluster": {"k": 3, "seed": 0},
         "select": {"budget": 0.5, "seed": 1, "score": "loss", **select},
         "work_dir": str(root / "work"),

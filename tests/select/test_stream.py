@@ -19,7 +19,7 @@ import pytest
 from raysel.config import parse_config
 from raysel.context import RunContext
 from raysel.pipeline import collect_rows, run, select_pass
-from tests.conftest import BAD_LINES, bbc_sample, write_jsonl
+from tests.conftest import BAD_LINES, bbc_sample, tiny_lm, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 # topk and threshold are one global cut each: tests/select/test_plan_apply.py checks them against `select` in
@@ -48,7 +48,7 @@ def _config(root: Path, name: str, select: dict, **extra) -> dict:
         "input": {"path": str(root / "corpus"), "id_field": "id"},
         "output": {"path": str(root / name)},
         "embed": {"batch_size": 16, "max_tokens": 16},
-        "scorers": [{"name": "loss", "max_tokens": 16, "batch_size": 8}],
+        "scorers": [{"name": "loss", "model": tiny_lm(), "max_tokens": 16, "batch_size": 8}],
         "cluster": {"k": 3, "seed": 0},
         "select": {"budget": 0.4, "seed": 1, **select},
         "work_dir": str(root / "work"),
