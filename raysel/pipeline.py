@@ -534,7 +534,10 @@ def write_selected(config: RunConfig, files: list[InputFile], sink: OutputSink, 
     settings = {"config": config.input, "targets": targets, "annotate": annotate, "prefix": out.prefix}
     if expected_rows:
         chosen = read_shards(sink.ledger_uri, columns=["status", "source", "row", *dict.fromkeys(annotate)])
-        chosen = chosen.filter(lambda r: r["status"] == "selected")
+        from ray.data.expressions import col
+
+        # An Arrow predicate at an I/O task's CPUs: a Python lambda per ledger row was a 1-CPU loop over the corpus.
+        chosen = chosen.filter(expr=col("status") == "selected", num_cpus=IO_TASK_CPUS)
         if expected_rows <= IN_MEMORY_ROWS:  # a few rows: grouped on the driver, not by a Ray shuffle
             table = pa.concat_tables(chosen.iter_batches(batch_format="pyarrow", batch_size=None))
             sources = sorted(set(table.column("source").to_pylist()))

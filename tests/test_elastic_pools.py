@@ -2,7 +2,6 @@
 on a real multi-node cluster on this machine (a head with no CPUs, one 2-CPU worker, a 3-CPU one added mid-run)."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -94,17 +93,9 @@ print("scores:", score_pass(config, list_input(config.input))[0])
 """
 
 
-# It runs 5-19 minutes on this 2-core host and Ray 2.60 has not passed it yet: outside the default suite, on request.
-@pytest.mark.skipif(
-    os.environ.get("RAYSEL_ELASTIC_TEST") != "1",
-    reason="set RAYSEL_ELASTIC_TEST=1: a node joining mid-run, 5-19 min here, and the pool has not grown onto it yet",
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="Ray 2.60 kept the pool at one actor after a 3-CPU node joined (two runs here): Ray Data's budget for it "
-    "stayed at ~0.03 CPU with limits of the first node's ~1.9 CPUs, the limits coming from the resources its "
-    "autoscaling coordinator reserved. Strict: when the pool grows, this fails and the marker goes.",
-)
+# It grows since pass 1's text drop runs at an I/O task's CPUs (raysel/pipeline.py score_pass): at Ray's default 1 CPU
+# that drop was an operator of its own, whose reservation left the scorer's budget short of one actor even after the
+# node joined. About 80 s here.
 def test_an_elastic_pool_grows_onto_a_node_added_mid_run(cluster, tmp_path):
     config = _config(tmp_path)
     run = subprocess.Popen(
@@ -128,5 +119,6 @@ def test_an_elastic_pool_grows_onto_a_node_added_mid_run(cluster, tmp_path):
     actors = sorted((json.loads(p.read_text()) for p in (tmp_path / "actors").iterdir()), key=lambda a: a["started"])
     nodes = [a["node"] for a in actors]
     assert nodes[0] == "127.0.0.3", nodes  # the pool started on the node the cluster started with
-    assert nodes.count("127.0.0.3") == 1, nodes  # a second actor (0.83 CPU) does not fit beside the first
+    # Not asserted: how many actors share the first node. Once the embedding actor is gone, a second scorer actor
+    # (0.83 CPU) fits there too, and Ray may place one there or on the new node.
     assert 1 <= nodes.count(added) <= 3, nodes  # the pool grew onto the added node (3 CPUs: up to 3 actors)

@@ -96,11 +96,14 @@ def repeated_ids(assigned_uri: str) -> Repeats:
         rows = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(repeated), pa.string())))
         where = rows.to_pylist() if repeated else []
     else:
+        from ray.data.expressions import col
+
         ds = read_shards(assigned_uri, columns=["id", "reason"]).map_batches(
             _usable_ids, batch_format="numpy", num_cpus=IO_TASK_CPUS
         )
         counted = ds.groupby("id", num_partitions=_shuffle_partitions()).count()
-        repeated = {r["id"] for r in counted.filter(lambda r: r["count()"] > 1).take_all()}
+        # An Arrow predicate, not a Python lambda per row: above a million ids the lambda was most of this pass.
+        repeated = {r["id"] for r in counted.filter(expr=col("count()") > 1, num_cpus=IO_TASK_CPUS).take_all()}
         where = (
             read_shards(assigned_uri, columns=["id", "reason", "source", "row"])
             .map_batches(_rows_with_ids, fn_kwargs={"ids": repeated}, batch_format="numpy", num_cpus=IO_TASK_CPUS)
