@@ -148,24 +148,41 @@ def synthesize_pass1(cfg, template_scores: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = 0
     for n, f in enumerate(files):
-        quality = pj.read_json(f.uri).column("quality").cast(template.schema.field("quality").type)
+        quality = pj.read_json(f.uri).column("quality")
         table = template.slice(0, len(quality))
         perm = np.random.default_rng(n).permutation(table.num_rows)
-        table = table.set_column(table.schema.get_field_index("embedding"), "embedding", table["embedding"].take(perm))
-        table = table.set_column(table.schema.get_field_index("quality"), "quality", quality)
-        ids = pa.array([stable_id(f.rel, r) for r in range(table.num_rows)], type=template.schema.field("id").type)
-        table = table.set_column(table.schema.get_field_index("id"), "id", ids)
-        table = table.set_column(
-            table.schema.get_field_index("source"),
-            "source",
-            pa.array([f.rel] * table.num_rows, type=template.schema.field("source").type),
-        )
+        own = {
+            "embedding": table["embedding"].take(perm),
+            "quality": quality,
+            "id": [stable_id(f.rel, r) for r in range(table.num_rows)],
+            "source": [f.rel] * table.num_rows,
+        }
+        for name, values in own.items():  # in the template's types, so every shard has pass 1's schema
+            field = template.schema.field(name)
+            table = table.set_column(table.schema.get_field_index(name), field, pa.array(values, field.type))
         for start in range(0, table.num_rows, cfg.shard_rows):  # pass 1's shard size
             pq.write_table(table.slice(start, cfg.shard_rows), out / f"{n:05d}_{start // cfg.shard_rows:06d}.parquet")
         rows += table.num_rows
     (base / "meta.json").write_text(json.dumps({"synthetic_from": str(template_scores)}))
     (base / "_SUCCESS").write_text("")
     return rows
+
+
+def status_mib(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS: now, VmHWM: this process image's peak) in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:")) / 1024
+
+
+def pass1_template(root: Path, enc: Path, lm: Path) -> Path:
+    """The work-dir folder of the real pass 1 over the first ROWS_PER_FILE rows (embedding stage only)."""
+    from raysel.io.read import list_input
+    from raysel.pipeline import score_key
+
+    cfg = bench_config(
+        make_corpus(root, ROWS_PER_FILE), enc, lm, root / f"work-{ROWS_PER_FILE}-nolm", "random", 64, False
+    )
+    return Path(cfg.resolved_work_dir()) / score_key(cfg, list_input(cfg.input))
 
 
 @contextlib.contextmanager
@@ -188,9 +205,7 @@ def phase_peaks(every_s: float = 0.2):
 
     def sample(stop: threading.Event) -> None:
         while not stop.wait(every_s):
-            with open("/proc/self/status") as f:
-                rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-            peaks[phase[0]] = round(max(rss, peaks.get(phase[0], 0.0)), 1)
+            peaks[phase[0]] = round(max(status_mib("VmRSS"), peaks.get(phase[0], 0.0)), 1)
 
     stop = threading.Event()
     thread = threading.Thread(target=sample, args=(stop,), daemon=True)
@@ -227,8 +242,7 @@ def measure(corpus: Path, enc: Path, lm: Path, work: Path, policy: str, k: int) 
         # VmHWM is this process image's own peak; ru_maxrss carries over the parent's RSS at fork across exec
         # (Linux keeps it in the signal struct), which a parent that built large synthetic shards would inflate.
         try:
-            with open("/proc/self/status") as f:
-                return round(next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024, 1)
+            return round(status_mib("VmHWM"), 1)
         except (OSError, StopIteration):
             return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -279,19 +293,14 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     enc, lm = make_tiny_models(root)
     results = []
+    template = None
     for size in args.sizes:
         corpus = make_corpus(root, size)
         work = root / f"work-{size}-{'lm' if not args.no_lm else 'nolm'}"
         if args.synthetic_pass1 and size > ROWS_PER_FILE:
             if not args.no_lm:
                 parser.error("--synthetic-pass1 needs --no-lm (the template's columns are the embedding stage's)")
-            from raysel.pipeline import score_key
-
-            first = make_corpus(root, ROWS_PER_FILE)
-            template_cfg = bench_config(first, enc, lm, root / f"work-{ROWS_PER_FILE}-nolm", "random", 64, False)
-            from raysel.io.read import list_input
-
-            template = Path(template_cfg.resolved_work_dir()) / score_key(template_cfg, list_input(template_cfg.input))
+            template = template or pass1_template(root, enc, lm)
             if not (template / "_SUCCESS").exists():
                 parser.error(f"--synthetic-pass1: no real pass 1 at {ROWS_PER_FILE:,} rows yet; run that size first")
             start = time.perf_counter()

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The converted SmolLM2 and the tiny test LM, kept across sessions (RAYSEL_TEST_MODEL_CACHE) so CI builds them once.
+MODEL_CACHE = Path(os.environ.get("RAYSEL_TEST_MODEL_CACHE", Path.home() / ".cache" / "raysel"))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """raysel's cache (converted models, work dirs) in one place per session; the converted SmolLM2 is
     shared across sessions through RAYSEL_TEST_MODEL_CACHE so CI converts the GGUF once."""
-    models = Path(os.environ.get("RAYSEL_TEST_MODEL_CACHE", Path.home() / ".cache" / "raysel"))
-    os.environ["RAYSEL_CACHE"] = str(models)
+    os.environ["RAYSEL_CACHE"] = str(MODEL_CACHE)
     yield
 
 
@@ -67,9 +68,7 @@ def tiny_lm() -> str:
     parameters); the tests of the LM scorers themselves, and of what the scores mean, keep SmolLM2."""
     import fcntl
 
-    target = (
-        Path(os.environ.get("RAYSEL_TEST_MODEL_CACHE", Path.home() / ".cache" / "raysel")) / "models" / "tiny-llama-1"
-    )
+    target = MODEL_CACHE / "models" / "tiny-llama-1"  # read before any fixture runs: test modules call it at import
     if (target / "_COMPLETE").exists():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
