@@ -640,22 +640,7 @@ def _manifest(config, files, summary, timings, selection_info, written, centroid
     }
 
 
-def _package_versions() -> dict[str, str | None]:
-    """{package: its installed version, None when absent}; faiss ships under several distribution names."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found: dict[str, str | None] = {}
-    for name, dists in PACKAGES_IN_MANIFEST.items():
-        found[name] = None
-        for dist in dists:
-            try:
-                found[name] = version(dist)
-                break
-            except PackageNotFoundError:
-                continue
-    return found
-
-
+# The packages whose versions the manifest records, each under the distribution names it ships as.
 PACKAGES_IN_MANIFEST = {
     "ray": ("ray",),
     "torch": ("torch",),
@@ -663,3 +648,16 @@ PACKAGES_IN_MANIFEST = {
     "faiss": ("faiss-cpu", "faiss-gpu", "faiss"),
     "pyarrow": ("pyarrow",),
 }
+
+
+def _package_versions() -> dict[str, str | None]:
+    """{package: its installed version, None when absent}, from the package metadata alone (nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(dist: str) -> str | None:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
+
+    return {name: next(filter(None, map(installed, dists)), None) for name, dists in PACKAGES_IN_MANIFEST.items()}
