@@ -103,17 +103,23 @@ class LocalCluster:
     def _wait_nodes(self, count: int, timeout: float, node: subprocess.Popen) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and node.poll() is None:
-            probe = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    f"import ray; ray.init(address='{self.address}', logging_level='ERROR');"
-                    "print(sum(n['Alive'] for n in ray.nodes()))",
-                ],
-                capture_output=True,
-                text=True,
-                env=self.env,
-            )
+            try:
+                probe = subprocess.run(
+                    [
+                        sys.executable,
+                        "-c",
+                        f"import ray; ray.init(address='{self.address}', logging_level='ERROR');"
+                        "print(sum(n['Alive'] for n in ray.nodes()))",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env=self.env,
+                    # A probe can hang in ray.init (seen with a stale cluster of a killed run on the same
+                    # addresses); it is tried again, within the deadline, rather than waited on forever.
+                    timeout=max(1.0, min(60.0, deadline - time.monotonic())),
+                )
+            except subprocess.TimeoutExpired:
+                continue
             if probe.returncode == 0 and probe.stdout.strip().splitlines()[-1:] == [str(count)]:
                 return True
             time.sleep(1)
