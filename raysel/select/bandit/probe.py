@@ -6,7 +6,7 @@ loads once per actor, not once per round. A scorer with a `prepare` classmethod 
 target set's gradient) has it run once, on the driver, first. Each probed row reaches its actor as its
 row of the run's scored shards (id, reason, source, row, embedding, label, the cheap scores), plus its
 text joined back from the input for scorers that read text (`raysel.io.read.CorpusReader(keep_rows=...)`,
-as the pipeline's `write_selected` does).
+as pass 4's `raysel.write.write_selected` does).
 
     QueueProbe  (plan/apply) rows named by their probe-queue code (raysel/select/bandit/queues.py). One
                 pass over the scored shards, at the start, finds each queue entry's file and row; each
