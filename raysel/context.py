@@ -41,27 +41,65 @@ class RunContext:
         return sample_rows(self.scores_uri, columns, size, seed)
 
 
-def sample_rows(scores_uri: str, columns: list[str], size: int, seed: int) -> dict[str, np.ndarray]:
+# The share of the corpus the first pass over the shards keeps, as a multiple of the sample: enough that the
+# smallest `size` keys are almost always among the rows kept (a shortfall reruns the pass with a higher bound).
+_SAMPLE_MARGIN = 1.25
 
-    from raysel._internal.ray_stage import read_shards
+
+def sample_rows(scores_uri: str, columns: list[str], size: int, seed: int) -> dict[str, np.ndarray]:
+    """The `size` usable rows with the smallest seeded hash of their id (`cluster.sample_keys`), sorted by it.
+
+    The keys are computed in Ray tasks, where each block keeps only its usable rows whose key is below a bound
+    that passes about 1.25 × `size` rows of the corpus (its row count is in the shards' footers); only those reach
+    the driver, which keeps the smallest `size`. Where too few pass (many quarantined rows) the bound rises and
+    the pass runs again. The rows are the same as hashing every row and keeping the smallest keys, whatever the
+    block sizes or the order the shards stream in; the driver's memory is the sample's, not the corpus's."""
+    from raysel._internal.ray_stage import IO_TASK_CPUS, read_shards
 
     wanted = list(dict.fromkeys(["id", "reason", *columns]))
-    keys = np.empty(0, dtype=np.uint64)
-    kept: dict[str, np.ndarray] = {}
-    ds = read_shards(scores_uri, columns=wanted)
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=16384):
-        usable = batch["reason"] == ""
-        if not usable.any():
-            continue
-        keys = np.concatenate([keys, sample_keys(batch["id"][usable], seed)])
-        for c in wanted:
-            col = batch[c][usable]
-            if col.dtype == object and len(col) and isinstance(col[0], np.ndarray):
-                col = np.stack(col)
-            kept[c] = col if c not in kept else np.concatenate([kept[c], col])
-        if len(keys) > size:
-            keep = np.argpartition(keys, size - 1)[:size]
-            keys = keys[keep]
-            kept = {c: v[keep] for c, v in kept.items()}
+    total = rfs.parquet_rows(scores_uri)
+    share = min(1.0, _SAMPLE_MARGIN * size / max(total, 1))
+    while True:
+        bound = None if share >= 1.0 else np.uint64(int(share * 2.0**64))
+        ds = read_shards(scores_uri, columns=wanted).map_batches(
+            _below_bound,
+            fn_kwargs={"columns": wanted, "seed": seed, "bound": bound},
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=IO_TASK_CPUS,
+        )
+        keys, kept = _collect(ds, wanted)
+        if len(keys) >= size or bound is None:
+            break
+        share = min(1.0, share * 4)
+    if len(keys) > size:
+        keep = np.argpartition(keys, size - 1)[:size]
+        keys, kept = keys[keep], {c: v[keep] for c, v in kept.items()}
     order = np.argsort(keys, kind="stable")
     return {c: v[order] for c, v in kept.items()}
+
+
+def _below_bound(batch: Any, columns: list[str], seed: int, bound: np.uint64 | None) -> Any:
+    """A block's usable rows whose sample key is below `bound` (all of them if None), with the key as `_key`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    usable = batch.filter(pc.equal(batch.column("reason"), ""))
+    keys = sample_keys(usable.column("id").to_numpy(zero_copy_only=False), seed)
+    keep = np.ones(len(keys), dtype=bool) if bound is None else keys < bound
+    return usable.select(columns).filter(pa.array(keep)).append_column("_key", pa.array(keys[keep], pa.uint64()))
+
+
+def _collect(ds: Any, columns: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The kept rows on the driver: their keys and columns as numpy (a list column as a 2-D array)."""
+    keys, kept = [], {c: [] for c in columns}
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=16384):
+        if not len(batch["_key"]):
+            continue
+        keys.append(batch["_key"])
+        for c in columns:
+            col = batch[c]
+            kept[c].append(np.stack(col) if col.dtype == object and isinstance(col[0], np.ndarray) else col)
+    if not keys:
+        return np.empty(0, dtype=np.uint64), {}
+    return np.concatenate(keys), {c: np.concatenate(v) for c, v in kept.items()}
