@@ -35,8 +35,12 @@ test-deps:
 	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes fortunes-min wordnet-base >/dev/null) || \
 	  echo "fortunes/wordnet-base missing (sudo apt-get install -y fortunes fortunes-min wordnet-base): their tests skip" >&2
 
+# Two processes (pytest-xdist): most of a test's time is process and cluster start-up, which overlaps well on 2 cores.
+# TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+
 test: install test-deps
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) tests
 
 lint: install
 	$(BIN)/ruff check raysel tests benchmarks

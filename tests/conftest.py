@@ -14,12 +14,52 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = Path(os.environ.get("RAYSEL_TEST_MODEL_CACHE", Path.home() / ".cache" / "raysel"))
 
 
+# `make test` runs the suite in parallel processes (pytest-xdist, `-n 2`); PYTEST_XDIST_WORKER names this one.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+# The modules that start clusters on 127.0.0.2-4: one unit of work, one module after another on one worker
+# (two clusters on the same addresses would find each other's raylets).
+MULTINODE_MODULES = {"tests/test_determinism.py", "tests/test_elastic_pools.py", "tests/test_faults.py"}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """raysel's cache (converted models, work dirs) in one place per session; the converted SmolLM2 is
-    shared across sessions through RAYSEL_TEST_MODEL_CACHE so CI converts the GGUF once."""
-    os.environ["RAYSEL_CACHE"] = str(MODEL_CACHE)
+    shared across sessions through RAYSEL_TEST_MODEL_CACHE so CI converts the GGUF once. Parallel workers
+    share the models but keep their own work dirs and demo corpus: two processes running one pass 1 into
+    one work dir would each discard the other's half-written shards as a killed run's."""
+    cache = MODEL_CACHE
+    if WORKER:
+        cache = MODEL_CACHE / "workers" / WORKER
+        cache.mkdir(parents=True, exist_ok=True)
+        (MODEL_CACHE / "models").mkdir(parents=True, exist_ok=True)
+        if not (cache / "models").is_symlink():
+            (cache / "models").symlink_to(MODEL_CACHE / "models")
+    os.environ["RAYSEL_CACHE"] = str(cache)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if WORKER:  # the longest unit first, so that the other worker's modules run beside it, not after it
+        items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in MULTINODE_MODULES)
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pytest-xdist is in the `test` extra; without it the suite runs in one process
+    pass
+else:
+
+    class _ModuleScheduling(LoadScopeScheduling):
+        """A test module is a unit of work (its module fixtures are set up once, on one worker), and the
+        multi-node modules are one unit together."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "multinode" if module in MULTINODE_MODULES else module
+
+    def pytest_xdist_make_scheduler(config, log):
+        config.option.loadscopereorder = False  # in collection order: the multi-node unit first
+        return _ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
