@@ -50,13 +50,27 @@ def test_neighbour_weights_quad_and_equal():
     angles = np.radians([0.0, 20.0, 90.0])
     c = np.stack([np.cos(angles), np.sin(angles)], axis=1)
     d01 = 2 * math.sin(math.radians(10))
-    quad = neighbour_weights(c, radius=0.5, mode="quad")
+    quad = neighbour_weights(c, radius=0.5, mode="quad").toarray()
     assert quad[0, 1] == pytest.approx(1 - d01 / 0.5) and quad[1, 0] == pytest.approx(1 - d01 / 0.5)
     assert quad[0, 2] == 0 and quad[1, 2] == 0
     assert np.diag(quad).tolist() == [1.0, 1.0, 1.0]
-    equal = neighbour_weights(c, radius=0.5, mode="equal")
+    equal = neighbour_weights(c, radius=0.5, mode="equal").toarray()
     assert equal[0, 1] == 1.0 and equal[0, 2] == 0.0
-    assert np.array_equal(neighbour_weights(c, radius=0.5, mode="none"), np.eye(3))
+    assert np.array_equal(neighbour_weights(c, radius=0.5, mode="none").toarray(), np.eye(3))
+
+
+def test_neighbour_weights_are_sparse_and_equal_the_dense_matrix():
+    """Computed a block of rows at a time (more rows here than one block) and kept sparse: the same weights as
+    the dense K x K formula, with only the pairs within the radius stored."""
+    rng = np.random.default_rng(4)
+    c = rng.normal(size=(700, 6))
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    dist = np.sqrt(np.maximum(2 - 2 * c @ c.T, 0.0))
+    for mode, dense in (("quad", np.where(dist < 0.6, 1 - dist / 0.6, 0.0)), ("equal", (dist < 0.6) * 1.0)):
+        np.fill_diagonal(dense, 1.0)
+        share = neighbour_weights(c, radius=0.6, mode=mode)
+        np.testing.assert_allclose(share.toarray(), dense, atol=1e-9)
+        assert len(c) < share.nnz < 0.2 * len(c) ** 2  # neighbours only (and every diagonal entry)
 
 
 def test_ucb_credits_neighbours():

@@ -17,12 +17,20 @@ import math
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 
 # --- neighbour sharing ---------------------------------------------------------------------------------------
 
+# Rows of the distance matrix computed at once: 256 × K float64 (20 MB at K = 10,000) and its temporaries.
+_DISTANCE_BLOCK = 256
 
-def neighbour_weights(centroids: np.ndarray, radius: float, mode: str) -> np.ndarray:
-    """[K, K] credit matrix: row a says how much of arm a's reward each arm receives (1 on the diagonal).
+
+def neighbour_weights(centroids: np.ndarray, radius: float, mode: str) -> sparse.csr_array:
+    """[K, K] credit matrix, sparse: row a says how much of arm a's reward each arm receives (1 on the diagonal).
+
+    Only arms within `radius` of each other share, so a row holds an arm's neighbours, not every arm: at
+    Quad's 10,000 clusters a dense matrix would take 800 MB (and its temporaries several GB). The distances
+    are computed for a block of rows at a time, so the memory is O(K × block + neighbour pairs).
 
     Args:
         centroids: [K, dim] cluster centroids, unit norm.
@@ -31,14 +39,31 @@ def neighbour_weights(centroids: np.ndarray, radius: float, mode: str) -> np.nda
     """
     k = len(centroids)
     if mode == "none" or radius <= 0 or k == 0:
-        return np.eye(k)
+        return sparse.eye_array(k, format="csr")
     c = np.asarray(centroids, dtype=np.float64)
     sq = (c * c).sum(1)
-    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * c @ c.T, 0.0))
-    near = dist < radius
-    weights = np.where(near, 1.0 - dist / radius, 0.0) if mode == "quad" else near.astype(np.float64)
-    np.fill_diagonal(weights, 1.0)
-    return weights
+    rows, cols, weights = [], [], []
+    for start in range(0, k, _DISTANCE_BLOCK):
+        block = c[start : start + _DISTANCE_BLOCK]
+        dist = np.sqrt(np.maximum(sq[start : start + len(block), None] + sq[None, :] - 2 * block @ c.T, 0.0))
+        own = np.arange(len(block))
+        near = dist < radius
+        near[own, start + own] = True
+        i, j = np.nonzero(near)
+        w = 1.0 - dist[i, j] / radius if mode == "quad" else np.ones(len(i))
+        w[start + i == j] = 1.0
+        rows.append(start + i)
+        cols.append(j)
+        weights.append(w)
+    coo = sparse.coo_array((np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))), shape=(k, k))
+    return coo.tocsr()
+
+
+def credit_matrix(share: Any, n_arms: int) -> sparse.csr_array:
+    """A credit matrix as `neighbour_weights` gives it (CSR), from a dense or sparse one; none: no sharing."""
+    if share is None:
+        return sparse.eye_array(n_arms, format="csr")
+    return sparse.csr_array(share, dtype=np.float64)
 
 
 def _rng_state(rng: np.random.Generator) -> dict:
@@ -64,13 +89,15 @@ class _CreditedArms:
 
     sums: np.ndarray
     counts: np.ndarray
-    share: np.ndarray
+    share: sparse.csr_array
     rng: np.random.Generator
 
     def update(self, arms: np.ndarray | list[int], rewards: np.ndarray | list[float]) -> None:
+        share = self.share
         for a, r in zip(arms, rewards, strict=True):
-            self.sums += self.share[int(a)] * float(r)
-            self.counts += self.share[int(a)]
+            row = slice(share.indptr[int(a)], share.indptr[int(a) + 1])  # arm a's neighbours (columns unique)
+            self.sums[share.indices[row]] += share.data[row] * float(r)
+            self.counts[share.indices[row]] += share.data[row]
 
     def state_dict(self) -> dict[str, Any]:
         return {"sums": self.sums.tolist(), "counts": self.counts.tolist(), "rng": _rng_state(self.rng)}
@@ -97,10 +124,10 @@ class UCBPolicy(_CreditedArms):
         >>> ucb.load_state_dict(ucb.state_dict())
     """
 
-    def __init__(self, n_arms: int, *, alpha: float = 1.0, share: np.ndarray | None = None, seed: int = 0) -> None:
+    def __init__(self, n_arms: int, *, alpha: float = 1.0, share: Any = None, seed: int = 0) -> None:
         self.n_arms = n_arms
         self.alpha = alpha
-        self.share = np.eye(n_arms) if share is None else np.asarray(share, dtype=np.float64)
+        self.share = credit_matrix(share, n_arms)
         self.sums = np.zeros(n_arms)
         self.counts = np.zeros(n_arms)
         self.rng = np.random.default_rng(seed)
@@ -233,13 +260,13 @@ class ThompsonPolicy(_CreditedArms):
         *,
         prior_std: float = 1.0,
         noise_std: float = 1.0,
-        share: np.ndarray | None = None,
+        share: Any = None,
         seed: int = 0,
     ) -> None:
         self.n_arms = n_arms
         self.prior_std = prior_std
         self.noise_std = noise_std
-        self.share = np.eye(n_arms) if share is None else np.asarray(share, dtype=np.float64)
+        self.share = credit_matrix(share, n_arms)
         self.sums = np.zeros(n_arms)
         self.counts = np.zeros(n_arms)
         self.rng = np.random.default_rng(seed)
@@ -269,7 +296,7 @@ def arm_estimates(
     arm_of: np.ndarray,
     values: np.ndarray,
     prior_strength: float,
-    share: np.ndarray | None = None,
+    share: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(shrunk mean per arm, probes per arm, pooled within-arm deviation) of signed probe scores.
 
