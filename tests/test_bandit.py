@@ -59,18 +59,46 @@ def test_neighbour_weights_quad_and_equal():
     assert np.array_equal(neighbour_weights(c, radius=0.5, mode="none").toarray(), np.eye(3))
 
 
-def test_neighbour_weights_are_sparse_and_equal_the_dense_matrix():
-    """Computed a block of rows at a time (more rows here than one block) and kept sparse: the same weights as
-    the dense K x K formula, with only the pairs within the radius stored."""
+def test_neighbour_weights_rows_equal_the_dense_matrix():
+    """Rows computed when used, a block at a time (more arms here than one block): the same weights as the dense
+    K x K formula, and W.T @ x the same as with the dense matrix."""
     rng = np.random.default_rng(4)
     c = rng.normal(size=(700, 6))
     c /= np.linalg.norm(c, axis=1, keepdims=True)
     dist = np.sqrt(np.maximum(2 - 2 * c @ c.T, 0.0))
+    x = np.where(rng.random(700) < 0.3, rng.normal(size=700), 0.0)
     for mode, dense in (("quad", np.where(dist < 0.6, 1 - dist / 0.6, 0.0)), ("equal", (dist < 0.6) * 1.0)):
         np.fill_diagonal(dense, 1.0)
         share = neighbour_weights(c, radius=0.6, mode=mode)
         np.testing.assert_allclose(share.toarray(), dense, atol=1e-9)
-        assert len(c) < share.nnz < 0.2 * len(c) ** 2  # neighbours only (and every diagonal entry)
+        np.testing.assert_allclose(share.row(5), dense[5], atol=1e-9)
+        np.testing.assert_allclose(share.spread(x), dense.T @ x, atol=1e-9)
+
+
+def test_ten_thousand_arms_that_all_share_need_no_k_by_k_matrix():
+    """Quad's 10,000 clusters, every pair within the radius (as on a random encoder): the UCB updates and the
+    arm estimates allocate O(K x block), far below the 800 MB of one dense K x K matrix."""
+    import tracemalloc
+
+    k = 10_000
+    rng = np.random.default_rng(5)
+    c = rng.normal(size=(k, 8))
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    tracemalloc.start()
+    try:
+        share = neighbour_weights(c, radius=2.5, mode="equal")  # every pair: W is all ones
+        ucb = UCBPolicy(k, share=share)
+        ucb.update([3, 9_999], [1.0, 3.0])
+        arm_of = rng.integers(0, k, size=400)
+        values = rng.normal(size=400)
+        mu, counts, _ = arm_estimates(k, arm_of, values, prior_strength=1.0, share=share)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 120 * 2**20, peak / 2**20
+    assert ucb.counts.tolist() == [2.0] * k and ucb.sums.tolist() == [4.0] * k
+    grand = values.mean()
+    np.testing.assert_allclose(mu, (values.sum() + grand) / (400 + 1))  # every arm credited with every probe
 
 
 def test_ucb_credits_neighbours():

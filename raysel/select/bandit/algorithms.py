@@ -17,53 +17,87 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import sparse
 
 # --- neighbour sharing ---------------------------------------------------------------------------------------
 
-# Rows of the distance matrix computed at once: 256 × K float64 (20 MB at K = 10,000) and its temporaries.
-_DISTANCE_BLOCK = 256
+# Rows of the credit matrix computed at once: 256 × K float64 (20 MB at K = 10,000) and its temporaries.
+_ROW_BLOCK = 256
 
 
-def neighbour_weights(centroids: np.ndarray, radius: float, mode: str) -> sparse.csr_array:
-    """[K, K] credit matrix, sparse: row a says how much of arm a's reward each arm receives (1 on the diagonal).
+class Credit:
+    """A [K, K] credit matrix W (row a: the weight arm a's reward gives every arm), used two ways: `row(a)` when a
+    reward comes in, `spread(x)` = W.T @ x for the probes' sums and counts.
 
-    Only arms within `radius` of each other share, so a row holds an arm's neighbours, not every arm: at
-    Quad's 10,000 clusters a dense matrix would take 800 MB (and its temporaries several GB). The distances
-    are computed for a block of rows at a time, so the memory is O(K × block + neighbour pairs).
+    `neighbour_weights` computes its rows from the centroids when they are used, never the whole matrix: at
+    Quad's 10,000 clusters a dense W is 800 MB, its temporaries several GB, and a sparse one no smaller where
+    most arms lie within the radius of each other (as they do on a small or random encoder). Rows come a block
+    at a time, so the memory is O(K × 256) whatever K. A matrix given as an array (tests, small K) is used as is.
+    """
+
+    def __init__(self, k: int, matrix: Any = None) -> None:
+        self.k = k
+        self.matrix = None if matrix is None else np.asarray(matrix, dtype=np.float64)
+
+    def rows(self, arms: np.ndarray) -> np.ndarray:
+        """[len(arms), K]: the given rows of W."""
+        if self.matrix is not None:
+            return self.matrix[arms]
+        out = np.zeros((len(arms), self.k))
+        out[np.arange(len(arms)), arms] = 1.0
+        return out
+
+    def row(self, arm: int) -> np.ndarray:
+        return self.rows(np.array([arm]))[0]
+
+    def spread(self, x: np.ndarray) -> np.ndarray:
+        """W.T @ x, over the arms where x is not 0 (the probed ones), a block of rows at a time."""
+        out = np.zeros(self.k)
+        nonzero = np.flatnonzero(x)
+        for start in range(0, len(nonzero), _ROW_BLOCK):
+            arms = nonzero[start : start + _ROW_BLOCK]
+            out += x[arms] @ self.rows(arms)
+        return out
+
+    def toarray(self) -> np.ndarray:
+        return self.rows(np.arange(self.k))
+
+
+class NeighbourCredit(Credit):
+    """Quad's (1 - d / radius) or EQUAL's (1) credit between arms whose centroids are within `radius`."""
+
+    def __init__(self, centroids: np.ndarray, radius: float, mode: str) -> None:
+        super().__init__(len(centroids))
+        self.centroids = np.asarray(centroids, dtype=np.float64)
+        self.sq = (self.centroids * self.centroids).sum(1)
+        self.radius, self.mode = radius, mode
+
+    def rows(self, arms: np.ndarray) -> np.ndarray:
+        c = self.centroids
+        dist = np.sqrt(np.maximum(self.sq[arms, None] + self.sq[None, :] - 2 * c[arms] @ c.T, 0.0))
+        near = dist < self.radius
+        weights = np.where(near, 1.0 - dist / self.radius, 0.0) if self.mode == "quad" else near.astype(np.float64)
+        weights[np.arange(len(arms)), arms] = 1.0
+        return weights
+
+
+def neighbour_weights(centroids: np.ndarray, radius: float, mode: str) -> Credit:
+    """The credit matrix between arms (1 on the diagonal), its rows computed when used (`Credit`).
 
     Args:
         centroids: [K, dim] cluster centroids, unit norm.
         radius: arms whose centroids lie closer than this (Euclidean) share rewards.
         mode: `quad` weighs a neighbour by 1 - d / radius, `equal` by 1, `none` shares nothing.
     """
-    k = len(centroids)
-    if mode == "none" or radius <= 0 or k == 0:
-        return sparse.eye_array(k, format="csr")
-    c = np.asarray(centroids, dtype=np.float64)
-    sq = (c * c).sum(1)
-    rows, cols, weights = [], [], []
-    for start in range(0, k, _DISTANCE_BLOCK):
-        block = c[start : start + _DISTANCE_BLOCK]
-        dist = np.sqrt(np.maximum(sq[start : start + len(block), None] + sq[None, :] - 2 * block @ c.T, 0.0))
-        own = np.arange(len(block))
-        near = dist < radius
-        near[own, start + own] = True
-        i, j = np.nonzero(near)
-        w = 1.0 - dist[i, j] / radius if mode == "quad" else np.ones(len(i))
-        w[start + i == j] = 1.0
-        rows.append(start + i)
-        cols.append(j)
-        weights.append(w)
-    coo = sparse.coo_array((np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))), shape=(k, k))
-    return coo.tocsr()
+    if mode == "none" or radius <= 0 or len(centroids) == 0:
+        return Credit(len(centroids))
+    return NeighbourCredit(centroids, radius, mode)
 
 
-def credit_matrix(share: Any, n_arms: int) -> sparse.csr_array:
-    """A credit matrix as `neighbour_weights` gives it (CSR), from a dense or sparse one; none: no sharing."""
-    if share is None:
-        return sparse.eye_array(n_arms, format="csr")
-    return sparse.csr_array(share, dtype=np.float64)
+def credit_matrix(share: Any, n_arms: int) -> Credit:
+    """`share` as a Credit: `neighbour_weights`'s, an explicit [K, K] array, or none (no sharing)."""
+    if isinstance(share, Credit):
+        return share
+    return Credit(n_arms, share)
 
 
 def _rng_state(rng: np.random.Generator) -> dict:
@@ -89,15 +123,14 @@ class _CreditedArms:
 
     sums: np.ndarray
     counts: np.ndarray
-    share: sparse.csr_array
+    share: Credit
     rng: np.random.Generator
 
     def update(self, arms: np.ndarray | list[int], rewards: np.ndarray | list[float]) -> None:
-        share = self.share
         for a, r in zip(arms, rewards, strict=True):
-            row = slice(share.indptr[int(a)], share.indptr[int(a) + 1])  # arm a's neighbours (columns unique)
-            self.sums[share.indices[row]] += share.data[row] * float(r)
-            self.counts[share.indices[row]] += share.data[row]
+            row = self.share.row(int(a))
+            self.sums += row * float(r)
+            self.counts += row
 
     def state_dict(self) -> dict[str, Any]:
         return {"sums": self.sums.tolist(), "counts": self.counts.tolist(), "rng": _rng_state(self.rng)}
@@ -324,7 +357,8 @@ def arm_estimates(
     if not sigma > 0:
         sigma = float(values.std()) or 1.0
     if share is not None:
-        sums, credited = share.T @ sums, share.T @ counts
+        share = credit_matrix(share, n_arms)
+        sums, credited = share.spread(sums), share.spread(counts)
     else:
         credited = counts
     with np.errstate(invalid="ignore", divide="ignore"):
