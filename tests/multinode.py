@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +35,9 @@ def _free_port(host: str = "127.0.0.1") -> int:
 class LocalCluster:
     def __init__(self, root: Path, *, worker_cpus: tuple[int, ...] = (2, 2), head_cpus: int = 0) -> None:
         self.root = root
+        # Ray's sockets live under its temp dir and their paths must stay under 108 bytes: pytest's own temp dirs
+        # (deeper still under pytest-xdist, .../popen-gw0/...) are too long, so Ray gets a short one of its own.
+        self.ray_temp = Path(tempfile.mkdtemp(prefix="rsm", dir="/tmp"))
         self.head_ip = "127.0.0.2"
         self.port = _free_port()
         self.address = f"{self.head_ip}:{self.port}"
@@ -66,7 +70,7 @@ class LocalCluster:
                 f"--port={self.port}",
                 "--include-dashboard=false",
                 f"--ray-client-server-port={_free_port()}",
-                f"--temp-dir={self.root / 'ray'}",
+                f"--temp-dir={self.ray_temp}",
             ]
         else:
             cmd += [f"--address={self.address}"]
@@ -161,7 +165,7 @@ class LocalCluster:
                     pass
         for proc in self.nodes.values():
             proc.wait(30)
-        shutil.rmtree(self.root / "ray", ignore_errors=True)
+        shutil.rmtree(self.ray_temp, ignore_errors=True)
 
 
 # --- runs on a cluster: the three-node corpus and config shared by the fault and determinism tests --------
